@@ -1,0 +1,3 @@
+"""tinyllm: a language model built from first principles on the `autograd` engine."""
+
+__version__ = "0.1.0"
