@@ -1,0 +1,30 @@
+"""autograd: a small reverse-mode automatic differentiation engine on NumPy or CuPy arrays.
+
+    from autograd import Tensor
+    x = Tensor([[1.0, 2.0]], requires_grad=True)
+    y = (x * x).sum()
+    y.backward()        # x.grad == 2 * x
+
+It knows nothing of language models: Tensor and the graph walk (tensor.py), the ops with their
+backward (ops.py), array backends (backend.py), building blocks (nn.py), optimizers and
+learning-rate schedules (optim.py), and gradient checking (gradcheck.py, testing.py).
+"""
+
+from autograd import backend
+from autograd.backend import (
+    cuda_available,
+    default_device,
+    get_rng_state,
+    manual_seed,
+    set_default_device,
+    set_rng_state,
+)
+from autograd.gradcheck import GradcheckError, gradcheck
+from autograd.ops import (
+    abs, add, broadcast_to, cast, clip, concat, cross_entropy, div, dropout, embedding, exp,
+    gelu, getitem, layer_norm, linear, log, log_softmax, matmul, max, maximum, mean, mul, neg,
+    pow, relu, reshape, rms_norm, rsqrt, scaled_dot_product_attention, sigmoid, silu, softmax,
+    split, sqrt, squeeze, stack, sub, sum, swapaxes, tanh, to_device, transpose, unsqueeze, var,
+    where,
+)
+from autograd.tensor import Function, Tensor, arange, is_grad_enabled, no_grad, ones, randn, tensor, zeros

@@ -1,0 +1,1045 @@
+"""Every differentiable op: a Function with its forward and backward side by side.
+
+Notation in the derivation comments: y is the output, g = dL/dy the incoming gradient, and
+each backward returns dL/d(input) for every input. Elementwise ops may return gradients of the
+broadcast shape; the engine sums them back to each input's shape (`backend.sum_to`).
+"""
+
+import builtins
+
+import numpy as np
+
+from autograd import backend
+from autograd.tensor import Function, Tensor
+
+xp_of = backend.get_array_module
+
+
+def _axes(axis, ndim):
+    """Normalize an axis argument to a sorted tuple of non-negative axes (all when None)."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for a in axis:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of range for a tensor of {ndim} dimensions")
+        out.append(a % builtins.max(ndim, 1))
+    return tuple(sorted(out))
+
+
+def _check_broadcast(name, a, b):
+    sa = a.shape if isinstance(a, Tensor) else np.shape(a)
+    sb = b.shape if isinstance(b, Tensor) else np.shape(b)
+    try:
+        np.broadcast_shapes(sa, sb)
+    except ValueError:
+        raise ValueError(f"{name}: shapes {sa} and {sb} cannot be broadcast together") from None
+
+
+# ---- elementwise, two inputs -------------------------------------------------------------
+
+class Add(Function):
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, g):  # d(a+b)/da = d(a+b)/db = 1
+        return g, g
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, g):  # d(a-b)/da = 1, d(a-b)/db = -1
+        return g, (-g if self.needs_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):  # d(ab)/da = b, d(ab)/db = a
+        return (g * self.b if self.needs_grad[0] else None,
+                g * self.a if self.needs_grad[1] else None)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
+        ga = g / self.b if self.needs_grad[0] else None
+        gb = -g * self.a / (self.b * self.b) if self.needs_grad[1] else None
+        return ga, gb
+
+
+class Pow(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        self.y = a**b
+        return self.y
+
+    def backward(self, g):  # d(a^b)/da = b a^(b-1), d(a^b)/db = a^b ln a
+        xp = xp_of(g)
+        ga = g * self.b * self.a ** (self.b - 1) if self.needs_grad[0] else None
+        gb = g * self.y * xp.log(self.a) if self.needs_grad[1] else None
+        return ga, gb
+
+
+class Maximum(Function):
+    def forward(self, a, b):
+        self.a_wins = a >= b
+        return xp_of(a).maximum(a, b)
+
+    def backward(self, g):  # the gradient goes to whichever input is larger (a on ties)
+        return g * self.a_wins, g * ~self.a_wins
+
+
+def _binary(fn_cls, name, a, b):
+    _check_broadcast(name, a, b)
+    return fn_cls().apply(a, b)
+
+
+def add(a, b):
+    return _binary(Add, "add", a, b)
+
+
+def sub(a, b):
+    return _binary(Sub, "sub", a, b)
+
+
+def mul(a, b):
+    return _binary(Mul, "mul", a, b)
+
+
+def div(a, b):
+    return _binary(Div, "div", a, b)
+
+
+def pow(a, b):
+    return _binary(Pow, "pow", a, b)
+
+
+def maximum(a, b):
+    return _binary(Maximum, "maximum", a, b)
+
+
+# ---- elementwise, one input ----------------------------------------------------------------
+
+class Neg(Function):
+    def forward(self, x):
+        return -x
+
+    def backward(self, g):
+        return -g
+
+
+class Exp(Function):
+    def forward(self, x):
+        self.y = xp_of(x).exp(x)
+        return self.y
+
+    def backward(self, g):  # d e^x = e^x
+        return g * self.y
+
+
+class Log(Function):
+    def forward(self, x):
+        self.x = x
+        return xp_of(x).log(x)
+
+    def backward(self, g):  # d ln x = 1/x
+        return g / self.x
+
+
+class Sqrt(Function):
+    def forward(self, x):
+        self.y = xp_of(x).sqrt(x)
+        return self.y
+
+    def backward(self, g):  # d sqrt(x) = 1 / (2 sqrt(x))
+        return g / (2 * self.y)
+
+
+class Rsqrt(Function):
+    def forward(self, x):
+        self.x = x
+        self.y = 1 / xp_of(x).sqrt(x)
+        return self.y
+
+    def backward(self, g):  # d x^(-1/2) = -1/2 x^(-3/2) = -1/2 y^3
+        return g * -0.5 * self.y**3
+
+
+class Tanh(Function):
+    def forward(self, x):
+        self.y = xp_of(x).tanh(x)
+        return self.y
+
+    def backward(self, g):  # d tanh = 1 - tanh^2
+        return g * (1 - self.y * self.y)
+
+
+class Sigmoid(Function):
+    def forward(self, x):
+        # 1/(1+e^-x) written through tanh, which never overflows
+        self.y = 0.5 * (1 + xp_of(x).tanh(0.5 * x))
+        return self.y
+
+    def backward(self, g):  # d s = s (1 - s)
+        return g * self.y * (1 - self.y)
+
+
+class Relu(Function):
+    def forward(self, x):
+        self.positive = x > 0
+        return x * self.positive
+
+    def backward(self, g):  # 1 where x > 0, else 0
+        return g * self.positive
+
+
+class Silu(Function):
+    def forward(self, x):
+        self.x = x
+        self.s = 0.5 * (1 + xp_of(x).tanh(0.5 * x))
+        return x * self.s
+
+    def backward(self, g):  # d x s(x) = s + x s (1 - s)
+        s = self.s
+        return g * (s * (1 + self.x * (1 - s)))
+
+
+_GELU_K = float(np.sqrt(2 / np.pi))
+
+
+class GeluTanh(Function):
+    def forward(self, x):
+        # gelu(x) ~ x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi)
+        self.x = x
+        self.t = xp_of(x).tanh(_GELU_K * (x + 0.044715 * x**3))
+        return 0.5 * x * (1 + self.t)
+
+    def backward(self, g):  # 1/2 (1 + t) + x/2 (1 - t^2) k (1 + 3 * 0.044715 x^2)
+        x, t = self.x, self.t
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_K * (1 + 0.134145 * x * x))
+
+
+class GeluErf(Function):
+    def forward(self, x):
+        # gelu(x) = x Phi(x), Phi the standard normal CDF = (1 + erf(x / sqrt 2)) / 2
+        self.x = x
+        self.cdf = 0.5 * (1 + backend.erf(x * (1 / np.sqrt(2))))
+        return x * self.cdf
+
+    def backward(self, g):  # Phi(x) + x phi(x), phi the normal density
+        x = self.x
+        pdf = xp_of(x).exp(-0.5 * x * x) * (1 / np.sqrt(2 * np.pi))
+        return g * (self.cdf + x * pdf)
+
+
+class Abs(Function):
+    def forward(self, x):
+        self.sign = xp_of(x).sign(x)
+        return xp_of(x).abs(x)
+
+    def backward(self, g):  # d|x| = sign(x)
+        return g * self.sign
+
+
+class Clip(Function):
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x):
+        xp = xp_of(x)
+        inside = xp.ones(x.shape, dtype=bool)
+        if self.lo is not None:
+            inside &= x >= self.lo
+        if self.hi is not None:
+            inside &= x <= self.hi
+        self.inside = inside
+        return xp.clip(x, self.lo, self.hi)
+
+    def backward(self, g):  # 1 inside [lo, hi], 0 where clipped
+        return g * self.inside
+
+
+class Cast(Function):
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def forward(self, x):
+        self.src = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, g):  # the identity, in the input's dtype
+        return g.astype(self.src)
+
+
+class ToDevice(Function):
+    def __init__(self, device):
+        self.device = device
+
+    def forward(self, x):
+        self.src = backend.device_of(x)
+        return backend.to_device(x, self.device)
+
+    def backward(self, g):  # the identity, back on the input's device
+        return backend.to_device(g, self.src)
+
+
+def neg(x):
+    return Neg().apply(x)
+
+
+def exp(x):
+    return Exp().apply(x)
+
+
+def log(x):
+    return Log().apply(x)
+
+
+def sqrt(x):
+    return Sqrt().apply(x)
+
+
+def rsqrt(x):
+    return Rsqrt().apply(x)
+
+
+def tanh(x):
+    return Tanh().apply(x)
+
+
+def sigmoid(x):
+    return Sigmoid().apply(x)
+
+
+def relu(x):
+    return Relu().apply(x)
+
+
+def silu(x):
+    return Silu().apply(x)
+
+
+def gelu(x, approximate="tanh"):
+    """GELU: approximate='tanh' (GPT-2's form) or 'none' (the exact erf form)."""
+    if approximate == "tanh":
+        return GeluTanh().apply(x)
+    if approximate in ("none", "erf"):
+        return GeluErf().apply(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', not {approximate!r}")
+
+
+def abs(x):
+    return Abs().apply(x)
+
+
+def clip(x, lo=None, hi=None):
+    return Clip(lo, hi).apply(x)
+
+
+def cast(x, dtype):
+    return Cast(backend.as_dtype(dtype)).apply(x)
+
+
+def to_device(x, device):
+    return ToDevice(backend.normalize_device(device)).apply(x)
+
+
+class Where(Function):
+    def __init__(self, cond):
+        self.cond = cond
+
+    def forward(self, a, b):
+        return xp_of(self.cond).where(self.cond, a, b)
+
+    def backward(self, g):  # the gradient flows to the input that was picked
+        return g * self.cond, g * ~self.cond
+
+
+def where(cond, a, b):
+    """Elementwise `a if cond else b`; `cond` is a boolean array or tensor (not differentiated)."""
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    ref = a if isinstance(a, Tensor) else b
+    if backend.device_of(cond) != ref.device:
+        raise RuntimeError(f"where: condition on {backend.device_of(cond)}, values on {ref.device}")
+    _check_broadcast("where", a, b)
+    _check_broadcast("where", cond, a)
+    return Where(cond.astype(bool)).apply(a, b)
+
+
+# ---- matrix products -------------------------------------------------------------------------
+
+class MatMul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        # y = a b  =>  da = g b^T, db = a^T g, in the operands' own (batched, broadcast) shapes.
+        a, b = self.a, self.b
+        xp = xp_of(g)
+        a2 = a[None, :] if a.ndim == 1 else a  # a vector is a 1-row matrix
+        b2 = b[:, None] if b.ndim == 1 else b  # ... or a 1-column matrix
+        if a.ndim == 1:
+            g = xp.expand_dims(g, -2 if b.ndim > 1 else 0)
+        if b.ndim == 1:
+            g = xp.expand_dims(g, -1)
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = backend.sum_to(g @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+        if self.needs_grad[1]:
+            if b2.ndim == 2 and a2.ndim > 2:
+                # a shared matrix: fold the batch into rows instead of summing a batch of products
+                k = a2.shape[-1]
+                gb = a2.reshape(-1, k).T @ g.reshape(-1, g.shape[-1])
+            else:
+                gb = backend.sum_to(xp.swapaxes(a2, -1, -2) @ g, b2.shape)
+            gb = gb.reshape(b.shape)
+        return ga, gb
+
+
+def matmul(a, b):
+    sa, sb = a.shape, b.shape
+    if len(sa) == 0 or len(sb) == 0:
+        raise ValueError(f"matmul: operands must have at least 1 dimension, got {sa} and {sb}")
+    ka = sa[-1]
+    kb = sb[0] if len(sb) == 1 else sb[-2]
+    if ka != kb:
+        raise ValueError(f"matmul: shapes {sa} and {sb} do not match (inner dimensions {ka} != {kb})")
+    try:
+        np.broadcast_shapes(sa[:-2], sb[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions of {sa} and {sb} cannot be broadcast") from None
+    return MatMul().apply(a, b)
+
+
+class Linear(Function):
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        y = x @ w.T
+        if b is not None:
+            y += b
+        return y
+
+    def backward(self, g):
+        # y = x W^T + b  =>  dx = g W, dW = g^T x (rows of every batch together), db = sum g
+        x, w = self.x, self.w
+        gx = g @ w if self.needs_grad[0] else None
+        gw = None
+        if self.needs_grad[1]:
+            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if len(self.needs_grad) > 2 else None
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
+    return Linear().apply(x, weight) if bias is None else Linear().apply(x, weight, bias)
+
+
+# ---- reductions ---------------------------------------------------------------------------
+
+def _unreduce(g, shape, axes, keepdims):
+    """Put reduced axes back as size 1, then broadcast g over the input's shape."""
+    xp = xp_of(g)
+    if not keepdims:
+        g = xp.expand_dims(g, axes) if axes else g
+    return xp.broadcast_to(g, shape)
+
+
+class Sum(Function):
+    def __init__(self, axes, keepdims):
+        self.axes, self.keepdims = axes, keepdims
+
+    def forward(self, x):
+        self.shape = x.shape
+        return x.sum(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, g):  # every summed element gets the gradient of the sum
+        return _unreduce(g, self.shape, self.axes, self.keepdims)
+
+
+class Max(Function):
+    def __init__(self, axes, keepdims):
+        self.axes, self.keepdims = axes, keepdims
+
+    def forward(self, x):
+        self.x = x
+        self.y = x.max(axis=self.axes, keepdims=True)
+        return self.y if self.keepdims else self.y.reshape(
+            [n for i, n in enumerate(x.shape) if i not in self.axes])
+
+    def backward(self, g):  # to the maximal elements, shared equally among ties
+        winners = self.x == self.y
+        count = winners.sum(axis=self.axes, keepdims=True)
+        return _unreduce(g, self.x.shape, self.axes, self.keepdims) * winners / count
+
+
+class Var(Function):
+    def __init__(self, axes, keepdims, ddof):
+        self.axes, self.keepdims, self.ddof = axes, keepdims, ddof
+
+    def forward(self, x):
+        n = int(np.prod([x.shape[a] for a in self.axes]))
+        self.centered = x - x.mean(axis=self.axes, keepdims=True)
+        self.scale = 2.0 / (n - self.ddof)
+        return (self.centered**2).sum(axis=self.axes, keepdims=self.keepdims) * (self.scale / 2)
+
+    def backward(self, g):  # d/dx_i sum (x_j - mean)^2 / (n - ddof) = 2 (x_i - mean) / (n - ddof)
+        g = _unreduce(g, self.centered.shape, self.axes, self.keepdims)
+        return g * self.centered * self.scale
+
+
+def sum(x, axis=None, keepdims=False):
+    return Sum(_axes(axis, x.ndim), keepdims).apply(x)
+
+
+def mean(x, axis=None, keepdims=False):
+    axes = _axes(axis, x.ndim)
+    n = int(np.prod([x.shape[a] for a in axes]))
+    return sum(x, axes, keepdims) * (1.0 / n)
+
+
+def max(x, axis=None, keepdims=False):
+    axes = _axes(axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        raise ValueError(f"max: cannot reduce an empty axis of shape {x.shape}")
+    return Max(axes, keepdims).apply(x)
+
+
+def var(x, axis=None, keepdims=False, ddof=0):
+    """Variance over `axis`, divided by n - ddof (ddof=0, NumPy's default)."""
+    return Var(_axes(axis, x.ndim), keepdims, ddof).apply(x)
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.src = x.shape
+        return x.reshape(self.shape)
+
+    def backward(self, g):
+        return g.reshape(self.src)
+
+
+class Transpose(Function):
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        return x.transpose(self.axes)
+
+    def backward(self, g):  # apply the inverse permutation
+        return g.transpose(np.argsort(self.axes))
+
+
+class BroadcastTo(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        return xp_of(x).broadcast_to(x, self.shape)
+
+    def backward(self, g):  # the engine sums the copies back (backend.sum_to)
+        return g
+
+
+def reshape(x, shape):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    known = int(np.prod([n for n in shape if n != -1]))
+    if shape.count(-1) > 1 or (-1 not in shape and known != x.size) or (
+        -1 in shape and (known == 0 or x.size % known)
+    ):
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} into {shape}")
+    return Reshape(shape).apply(x)
+
+
+def transpose(x, axes=None):
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: {axes} is not a permutation of the axes of shape {x.shape}")
+    return Transpose(axes).apply(x)
+
+
+def swapaxes(x, a, b):
+    axes = list(range(x.ndim))
+    axes[a], axes[b] = axes[b], axes[a]
+    return Transpose(tuple(axes)).apply(x)
+
+
+def broadcast_to(x, shape):
+    shape = tuple(shape)
+    try:
+        if np.broadcast_shapes(x.shape, shape) != shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}") from None
+    return BroadcastTo(shape).apply(x)
+
+
+def squeeze(x, axis=None):
+    axes = [a for a in range(x.ndim) if x.shape[a] == 1] if axis is None else _axes(axis, x.ndim)
+    for a in axes:
+        if x.shape[a] != 1:
+            raise ValueError(f"squeeze: axis {a} of shape {x.shape} has size {x.shape[a]}, not 1")
+    return reshape(x, [n for i, n in enumerate(x.shape) if i not in axes])
+
+
+def unsqueeze(x, axis):
+    ndim = x.ndim + 1
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"unsqueeze: axis {axis} out of range for a result of {ndim} dimensions")
+    shape = list(x.shape)
+    shape.insert(axis % ndim, 1)
+    return reshape(x, shape)
+
+
+class Concat(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.bounds = np.cumsum([x.shape[self.axis] for x in xs])[:-1]
+        return xp_of(xs[0]).concatenate(xs, axis=self.axis)
+
+    def backward(self, g):  # each input gets its own slab of the gradient
+        return tuple(xp_of(g).split(g, self.bounds, axis=self.axis))
+
+
+def concat(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concat: needs at least one tensor")
+    ndim = tensors[0].ndim
+    axis = _axes(axis, ndim)[0]
+    for t in tensors:
+        if t.ndim != ndim or any(t.shape[i] != tensors[0].shape[i] for i in range(ndim) if i != axis):
+            raise ValueError(
+                f"concat: shapes {tensors[0].shape} and {t.shape} differ outside axis {axis}"
+            )
+    return Concat(axis).apply(*tensors)
+
+
+def stack(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: needs at least one tensor")
+    for t in tensors:
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"stack: shapes {tensors[0].shape} and {t.shape} differ")
+    return concat([unsqueeze(t, axis) for t in tensors], axis)
+
+
+def split(x, sizes, axis=0):
+    """Split along `axis` into pieces of the given sizes (a list), or into n equal parts (an int)."""
+    axis = _axes(axis, x.ndim)[0]
+    n = x.shape[axis]
+    if isinstance(sizes, int):
+        if n % sizes:
+            raise ValueError(f"split: axis {axis} of size {n} does not split into {sizes} equal parts")
+        sizes = [n // sizes] * sizes
+    if builtins.sum(sizes) != n:
+        raise ValueError(f"split: sizes {list(sizes)} do not add up to {n} (axis {axis} of {x.shape})")
+    out, start = [], 0
+    for s in sizes:
+        key = (slice(None),) * axis + (slice(start, start + s),)
+        out.append(getitem(x, key))
+        start += s
+    return out
+
+
+# ---- indexing -------------------------------------------------------------------------------
+
+def _is_basic(key):
+    return all(k is None or k is Ellipsis or isinstance(k, (int, slice)) for k in key)
+
+
+def _check_index_bounds(key, shape):
+    """Raise IndexError for integer indices out of range (CuPy would not raise by itself)."""
+    n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis and not (
+        hasattr(k, "dtype") and k.dtype == bool)) + builtins.sum(
+        k.ndim - 1 for k in key if hasattr(k, "dtype") and k.dtype == bool)
+    axis = 0
+    for k in key:
+        if k is None:
+            continue
+        if k is Ellipsis:
+            axis += len(shape) - n_real
+            continue
+        if axis >= len(shape):
+            raise IndexError(f"too many indices for a tensor of shape {shape}")
+        if hasattr(k, "dtype") and k.dtype == bool:
+            if k.shape != shape[axis:axis + k.ndim]:
+                raise IndexError(f"boolean mask of shape {k.shape} does not match shape {shape} at axis {axis}")
+            axis += k.ndim
+            continue
+        if isinstance(k, int) or hasattr(k, "dtype"):
+            size = shape[axis]
+            if getattr(k, "size", 1) > 0:
+                lo, hi = (int(k.min()), int(k.max())) if hasattr(k, "dtype") else (k, k)
+                if lo < -size or hi >= size:
+                    bad = hi if hi >= size else lo
+                    raise IndexError(f"index {bad} is out of range for axis {axis} of size {size}")
+        axis += 1
+
+
+class GetItem(Function):
+    def __init__(self, key):
+        self.key = key
+
+    def forward(self, x):
+        self.shape, self.dtype = x.shape, x.dtype
+        return x[self.key]
+
+    def backward(self, g):
+        # y = x[key] picks elements; dx is g scattered back to where they came from, summed
+        # where an index repeats (xp.add.at), a plain assignment for slices.
+        xp = xp_of(g)
+        gx = xp.zeros(self.shape, dtype=g.dtype)
+        if _is_basic(self.key):
+            gx[self.key] = g
+        else:
+            xp.add.at(gx, self.key, g)
+        return gx
+
+
+def getitem(x, key):
+    key = key if isinstance(key, tuple) else (key,)
+    xp = x.xp
+    parts = []
+    for k in key:
+        if isinstance(k, Tensor):
+            k = k.data
+        elif isinstance(k, (list, np.ndarray)) and xp is not np:
+            k = xp.asarray(k)
+        elif isinstance(k, list):
+            k = np.asarray(k)
+        if hasattr(k, "dtype"):
+            if backend.device_of(k) != x.device:
+                raise RuntimeError(f"index on {backend.device_of(k)} for a tensor on {x.device}")
+            if k.dtype != bool and k.dtype.kind not in "iu":
+                raise IndexError(f"indices must be integers or booleans, not {k.dtype}")
+        parts.append(k)
+    key = tuple(parts)
+    _check_index_bounds(key, x.shape)
+    return GetItem(key).apply(x)
+
+
+class Embedding(Function):
+    def __init__(self, idx):
+        self.idx = idx
+
+    def forward(self, w):
+        self.shape = w.shape
+        return w[self.idx]
+
+    def backward(self, g):  # each row of W gets the sum of the gradients of its lookups
+        xp = xp_of(g)
+        gw = xp.zeros(self.shape, dtype=g.dtype)
+        xp.add.at(gw, self.idx.reshape(-1), g.reshape(-1, self.shape[1]))
+        return gw
+
+
+def embedding(weight, idx):
+    """Rows of `weight` (num_embeddings, dim) picked by the integer array `idx` of any shape."""
+    idx = idx.data if isinstance(idx, Tensor) else weight.xp.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, not {idx.dtype}")
+    if backend.device_of(idx) != weight.device:
+        raise RuntimeError(f"embedding: indices on {backend.device_of(idx)}, weight on {weight.device}")
+    n = weight.shape[0]
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        bad = int(idx.max()) if int(idx.max()) >= n else int(idx.min())
+        raise IndexError(f"embedding: token id {bad} is out of range for {n} embeddings")
+    return Embedding(idx).apply(weight)
+
+
+# ---- softmax, losses, normalization ------------------------------------------------------
+
+class Softmax(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = xp_of(x)
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))  # shift: same result, no overflow
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, g):  # dx = y * (g - sum(g * y))
+        y = self.y
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = xp_of(x)
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        self.y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        return self.y
+
+    def backward(self, g):  # dx = g - softmax(x) * sum(g)
+        return g - xp_of(g).exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+
+
+def softmax(x, axis=-1):
+    return Softmax(_axes(axis, x.ndim)[0]).apply(x)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(_axes(axis, x.ndim)[0]).apply(x)
+
+
+class CrossEntropy(Function):
+    def __init__(self, targets, ignore_index, reduction):
+        self.targets, self.ignore_index, self.reduction = targets, ignore_index, reduction
+
+    def forward(self, logits):
+        # loss_i = logsumexp(z_i) - z_i[t_i], over rows whose target is not ignore_index
+        xp = xp_of(logits)
+        z = logits.reshape(-1, logits.shape[-1])
+        t = self.targets.reshape(-1)
+        keep = t != self.ignore_index
+        t_safe = xp.where(keep, t, 0)
+        m = z.max(axis=1, keepdims=True)
+        lse = (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+        rows = xp.arange(z.shape[0])
+        losses = (lse - z[rows, t_safe]) * keep
+        self.z, self.lse, self.t, self.keep, self.shape = z, lse, t_safe, keep, logits.shape
+        if self.reduction == "none":
+            return losses.reshape(logits.shape[:-1])
+        if self.reduction == "sum":
+            return losses.sum()
+        self.count = keep.sum()
+        return losses.sum() / self.count  # nan when every target is ignored, as in PyTorch
+
+    def backward(self, g):  # dz_i = (softmax(z_i) - onehot(t_i)) * g, zero for ignored rows
+        xp = xp_of(g)
+        p = xp.exp(self.z - self.lse[:, None])
+        p[xp.arange(p.shape[0]), self.t] -= 1
+        if self.reduction == "none":
+            scale = (g.reshape(-1) * self.keep)[:, None]
+        elif self.reduction == "sum":
+            scale = (g * self.keep)[:, None]
+        else:
+            scale = ((g / self.count) * self.keep)[:, None]
+        return (p * scale).reshape(self.shape)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of `logits` (..., V) against integer `targets` (...).
+
+    Fused: the log-softmax and the pick of the target logit happen in one Function, so no
+    one-hot array is made. Rows whose target equals `ignore_index` count for nothing.
+    """
+    t = targets.data if isinstance(targets, Tensor) else logits.xp.asarray(targets)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be mean, sum or none, not {reduction!r}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, not {t.dtype}")
+    if t.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {t.shape} for logits of shape {logits.shape}")
+    if backend.device_of(t) != logits.device:
+        raise RuntimeError(f"cross_entropy: targets on {backend.device_of(t)}, logits on {logits.device}")
+    valid = t[t != ignore_index]
+    V = logits.shape[-1]
+    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= V):
+        bad = int(valid.max()) if int(valid.max()) >= V else int(valid.min())
+        raise IndexError(f"cross_entropy: target {bad} is out of range for {V} classes")
+    return CrossEntropy(t, ignore_index, reduction).apply(logits)
+
+
+class LayerNorm(Function):
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, w=None, b=None):
+        # y = (x - mean) / sqrt(var + eps) * w + b over the last axis
+        xp = xp_of(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        self.rstd = 1 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)
+        self.xhat = xc * self.rstd
+        self.w = w
+        y = self.xhat * w if w is not None else self.xhat.copy()
+        if b is not None:
+            y += b
+        return y
+
+    def backward(self, g):
+        # With gh = dL/dxhat = g w:  dx = rstd (gh - mean(gh) - xhat mean(gh xhat))
+        xhat, rstd = self.xhat, self.rstd
+        gh = g * self.w if self.w is not None else g
+        gx = rstd * (gh - gh.mean(axis=-1, keepdims=True)
+                     - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        rows = (-1, g.shape[-1])
+        gw = (g * xhat).reshape(rows).sum(axis=0) if self.w is not None else None
+        gb = g.reshape(rows).sum(axis=0) if len(self.needs_grad) > 2 else None
+        return (gx, gw, gb)[: len(self.needs_grad)]
+
+
+class RMSNorm(Function):
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, w=None):
+        # y = x / sqrt(mean(x^2) + eps) * w over the last axis
+        xp = xp_of(x)
+        self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+        self.xhat = x * self.rstd
+        self.w = w
+        return self.xhat * w if w is not None else self.xhat
+
+    def backward(self, g):
+        # With gh = g w:  dx = rstd (gh - xhat mean(gh xhat))
+        xhat = self.xhat
+        gh = g * self.w if self.w is not None else g
+        gx = self.rstd * (gh - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        gw = (g * xhat).reshape(-1, g.shape[-1]).sum(axis=0) if self.w is not None else None
+        return gx, gw
+
+
+def _check_norm(name, x, w):
+    if w is not None and w.shape != (x.shape[-1],):
+        raise ValueError(f"{name}: weight of shape {w.shape} for input of shape {x.shape}")
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    _check_norm("layer_norm", x, weight)
+    _check_norm("layer_norm", x, bias)
+    if bias is not None and weight is None:
+        raise ValueError("layer_norm: a bias needs a weight")
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    return LayerNorm(eps).apply(*inputs)
+
+
+def rms_norm(x, weight=None, eps=1e-6):
+    _check_norm("rms_norm", x, weight)
+    return RMSNorm(eps).apply(x) if weight is None else RMSNorm(eps).apply(x, weight)
+
+
+class Dropout(Function):
+    def __init__(self, mask, scale):
+        self.mask, self.scale = mask, scale
+
+    def forward(self, x):
+        return x * self.mask * self.scale
+
+    def backward(self, g):  # the same mask and scale
+        return g * self.mask * self.scale
+
+
+def dropout(x, p=0.5, training=True):
+    """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    mask = backend.rng(x.device).random(x.shape, dtype=np.float32) >= p
+    return Dropout(mask, np.asarray(1 / (1 - p), dtype=x.dtype)).apply(x)
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+_causal_masks = {}
+
+
+def _causal_mask(T, S, xp):
+    """Boolean (T, S) mask, True where query t may not see key s: s > t + (S - T)."""
+    key = (T, S, xp.__name__)
+    if key not in _causal_masks:
+        _causal_masks[key] = xp.triu(xp.ones((T, S), dtype=bool), k=S - T + 1)
+    return _causal_masks[key]
+
+
+class Attention(Function):
+    def __init__(self, causal, scale, dropout_p):
+        self.causal, self.scale, self.dropout_p = causal, scale, dropout_p
+
+    def forward(self, q, k, v):
+        # q: (B, Hq, T, D); k, v: (B, Hkv, S, D). Query head h uses kv head h // (Hq / Hkv).
+        # P = softmax(q k^T * scale + mask), y = P v. Queries are the last T of S positions.
+        xp = xp_of(q)
+        B, Hq, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        qg = q.reshape(B, Hkv, G, T, D)
+        s = qg @ xp.swapaxes(k, -1, -2)[:, :, None]  # (B, Hkv, G, T, S)
+        s *= self.scale
+        if self.causal:
+            s[..., _causal_mask(T, S, xp)] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = xp.exp(s, out=s)
+        p /= p.sum(axis=-1, keepdims=True)
+        if self.dropout_p > 0:
+            self.mask = (backend.rng(backend.device_of(q)).random(p.shape, dtype=np.float32)
+                         >= self.dropout_p) * np.asarray(1 / (1 - self.dropout_p), q.dtype)
+            pd = p * self.mask
+        else:
+            pd = p
+        self.q, self.k, self.v, self.p, self.pd = qg, k, v, p, pd
+        y = pd @ v[:, :, None]  # (B, Hkv, G, T, D)
+        return y.reshape(B, Hq, T, D)
+
+    def backward(self, g):
+        # dV = Pd^T g;  dPd = g V^T;  dP = dPd * mask;  dS = P (dP - rowsum(dP P)) * scale;
+        # dQ = dS K;  dK = dS^T Q. Grouped heads sum their dK, dV over the group axis.
+        xp = xp_of(g)
+        qg, k, v, p, pd = self.q, self.k, self.v, self.p, self.pd
+        B, Hkv, G, T, D = qg.shape
+        g = g.reshape(B, Hkv, G, T, D)
+        gv = (xp.swapaxes(pd, -1, -2) @ g).sum(axis=2)
+        dp = g @ xp.swapaxes(v, -1, -2)[:, :, None]
+        if self.dropout_p > 0:
+            dp *= self.mask
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        ds *= self.scale
+        gq = (ds @ k[:, :, None]).reshape(B, Hkv * G, T, D)
+        gk = (xp.swapaxes(ds, -1, -2) @ qg).sum(axis=2)
+        return gq, gk, gv
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0, training=True):
+    """softmax(q k^T / sqrt(D) + causal mask) v, fused into one op.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv (grouped-query attention
+    when Hkv < Hq). With S > T the queries are the last T positions (a key/value cache).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: expected q (B,H,T,D) and k, v (B,Hkv,S,D); got {q.shape}, {k.shape}, {v.shape}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or Hq % k.shape[1] or k.shape[2] < T:
+        raise ValueError(f"attention: q of shape {q.shape} does not fit k, v of shape {k.shape}")
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    return Attention(causal, scale, dropout_p if training else 0.0).apply(q, k, v)
+
+
+# The public differentiable ops, each with a gradient test (tests/test_ops_grad.py checks the list).
+DIFFERENTIABLE_OPS = (
+    "add", "sub", "mul", "div", "pow", "maximum", "neg", "exp", "log", "sqrt", "rsqrt",
+    "tanh", "sigmoid", "relu", "silu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
+    "linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
+    "squeeze", "unsqueeze", "concat", "stack", "split", "getitem", "embedding", "softmax",
+    "log_softmax", "cross_entropy", "layer_norm", "rms_norm", "dropout",
+    "scaled_dot_product_attention",
+)

@@ -1,0 +1,463 @@
+"""Tensor and Function: the whole reverse-mode engine.
+
+A Tensor wraps one array (NumPy or CuPy). Applying a Function to tensors runs its `forward`
+on their arrays and, when any input requires grad, records the Function as the new tensor's
+creator. `Tensor.backward()` then walks the recorded graph once, in reverse topological order,
+calling each Function's `backward` with the gradient of its output and routing the returned
+input gradients to the inputs. The walk is iterative: a heap of Functions keyed on their
+generation (one more than the deepest input), so every consumer of a tensor is processed
+before its creator and deep graphs never touch Python's recursion limit.
+"""
+
+import heapq
+import itertools
+
+import numpy as np
+
+from autograd import backend
+
+_grad_enabled = True
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class no_grad:
+    """Context manager and decorator: no graph is recorded inside."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._prev = _grad_enabled
+        _grad_enabled = False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._prev
+
+    def __call__(self, fn):
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+        wrapper.__doc__ = getattr(fn, "__doc__", None)
+        return wrapper
+
+
+class Function:
+    """One differentiable operation.
+
+    Subclasses implement `forward(*arrays) -> array` and `backward(grad) -> tuple` with one
+    gradient (or None) per input, each of the input's shape or broadcastable to it: the engine
+    sums broadcast axes away in one place (`backend.sum_to`). `forward` saves on `self` only
+    what `backward` needs; the engine drops it after backward has run. `self.needs_grad[i]`
+    tells whether input i wants a gradient, so backward can skip work.
+    """
+
+    needs_grad = ()
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    def apply(self, *inputs):
+        tensors = [x if isinstance(x, Tensor) else None for x in inputs]
+        ref = next(t for t in tensors if t is not None)
+        device = ref.device
+        for t in tensors:
+            if t is not None and t.device != device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: tensors on different devices: {device} and {t.device}"
+                    " (move one with .to(device))"
+                )
+        arrays = [
+            t.data if t is not None else _scalar_array(x, ref) for t, x in zip(tensors, inputs)
+        ]
+        needs = tuple(t is not None and t.requires_grad for t in tensors)
+        record = _grad_enabled and any(needs)
+        self.needs_grad = needs
+        out = Tensor._wrap(self.forward(*arrays), requires_grad=record)
+        if record:
+            self.inputs = tensors
+            self.generation = max(t._generation for t in tensors if t is not None)
+            out._ctx = self
+            out._generation = self.generation + 1
+        return out
+
+
+def _scalar_array(x, like):
+    """A Python number as a 0-d array of the other operand's dtype and device."""
+    if isinstance(x, (bool, int, float)):
+        xp = like.xp
+        dtype = like.dtype if backend.is_float_dtype(like.dtype) or isinstance(x, int) else None
+        return xp.asarray(x, dtype=dtype)
+    if isinstance(x, (np.ndarray, np.generic)) or backend.is_cupy_array(x):
+        if backend.device_of(x) != like.device and np.ndim(x) > 0:
+            raise RuntimeError(
+                f"array on {backend.device_of(x)} mixed with a tensor on {like.device}"
+            )
+        return like.xp.asarray(x)
+    raise TypeError(f"cannot combine a Tensor with {type(x).__name__}")
+
+
+class Tensor:
+    """An array with an optional gradient and a link to the Function that made it."""
+
+    __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False, dtype=None, device=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if device is None and (backend.is_cupy_array(data) or isinstance(data, np.ndarray)):
+            device = backend.device_of(data)
+        device = backend.normalize_device(device)
+        dtype = backend.as_dtype(dtype)
+        if not (backend.is_cupy_array(data) or isinstance(data, np.ndarray)):
+            data = np.asarray(data)
+            if dtype is None and data.dtype == np.float64:
+                dtype = np.dtype(np.float32)  # Python floats become float32 by default
+        if dtype is not None and data.dtype != dtype:
+            data = data.astype(dtype)
+        data = backend.to_device(data, device)
+        self._init(data, requires_grad)
+
+    @classmethod
+    def _wrap(cls, data, requires_grad=False):
+        t = cls.__new__(cls)
+        t._init(data, requires_grad)
+        return t
+
+    def _init(self, data, requires_grad):
+        if requires_grad and not backend.is_float_dtype(data.dtype):
+            raise TypeError(f"only floating-point tensors can require grad, not {data.dtype}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None
+        self._generation = 0
+        self._retain = False
+
+    # ---- properties ------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    device = property(lambda self: backend.device_of(self.data))
+    xp = property(lambda self: backend.get_array_module(self.data))
+    is_leaf = property(lambda self: self._ctx is None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = "" if self.device == "cpu" else f", device='{self.device}'"
+        return f"Tensor({self.numpy()!r}{dev}{grad})".replace("\n", "\n       ")
+
+    # ---- conversion ------------------------------------------------------------------
+    def numpy(self):
+        """The data as a NumPy array (copied from the GPU when on CUDA)."""
+        return backend.to_device(self.data, "cpu")
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, not shape {self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor._wrap(self.data)
+
+    def to(self, device=None, dtype=None):
+        """A copy on another device and/or dtype. A dtype change is differentiable."""
+        out = self
+        if dtype is not None and backend.as_dtype(dtype) != self.dtype:
+            out = ops.cast(out, dtype)
+        if device is not None and backend.normalize_device(device) != self.device:
+            out = ops.to_device(out, device)
+        return out
+
+    def requires_grad_(self, flag=True):
+        if flag and not backend.is_float_dtype(self.dtype):
+            raise TypeError(f"only floating-point tensors can require grad, not {self.dtype}")
+        self.requires_grad = flag
+        return self
+
+    def retain_grad(self):
+        """Keep .grad on this non-leaf tensor after backward (leaves always keep theirs)."""
+        self._retain = True
+        return self
+
+    def zero_grad(self):
+        self.grad = None
+
+    # ---- backward ---------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad.
+
+        `grad` is the upstream gradient, required unless self has one element (then 1).
+        Unless `retain_graph`, each Function drops its saved arrays once used, so the
+        intermediate arrays are freed and a second backward through them raises.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        xp = self.xp
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward() on a tensor of shape {self.shape} needs an explicit gradient "
+                    "(only one-element tensors get the implicit gradient 1)"
+                )
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad)
+            if grad.shape != self.shape:
+                raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+            grad = grad.astype(self.dtype, copy=False)
+        if self._ctx is None:
+            self._accumulate(grad)
+            return
+
+        order = itertools.count()  # tie-break so the heap never compares Functions
+        pending = {id(self._ctx): grad}  # Function -> gradient of its output
+        heap = [(-self._ctx.generation, next(order), self._ctx)]
+        while heap:
+            _, _, fn = heapq.heappop(heap)
+            if getattr(fn, "_freed", False):
+                raise RuntimeError(
+                    "backward through a graph a second time: its saved arrays were freed "
+                    "(pass retain_graph=True to the first backward)"
+                )
+            g_out = pending.pop(id(fn))
+            input_grads = fn.backward(g_out)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for x, g in zip(fn.inputs, input_grads):
+                if x is None or g is None or not x.requires_grad:
+                    continue
+                g = backend.sum_to(g, x.shape)
+                if g.dtype != x.dtype:
+                    g = g.astype(x.dtype)
+                if x._ctx is None or x._retain:
+                    x._accumulate(g)
+                if x._ctx is not None:
+                    key = id(x._ctx)
+                    if key in pending:
+                        pending[key] = pending[key] + g
+                    else:
+                        pending[key] = g
+                        heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
+            if not retain_graph:
+                fn.__dict__.clear()
+                fn._freed = True
+
+    def _accumulate(self, g):
+        # A fresh array: the same gradient array may be routed to several inputs.
+        self.grad = g.copy() if self.grad is None else self.grad + g
+
+    # ---- operators (the ops module does the work) ------------------------------------------
+    def __add__(self, other):
+        return ops.add(self, other)
+
+    def __radd__(self, other):
+        return ops.add(other, self)
+
+    def __sub__(self, other):
+        return ops.sub(self, other)
+
+    def __rsub__(self, other):
+        return ops.sub(other, self)
+
+    def __mul__(self, other):
+        return ops.mul(self, other)
+
+    def __rmul__(self, other):
+        return ops.mul(other, self)
+
+    def __truediv__(self, other):
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.div(other, self)
+
+    def __pow__(self, other):
+        return ops.pow(self, other)
+
+    def __rpow__(self, other):
+        return ops.pow(other, self)
+
+    def __matmul__(self, other):
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return ops.matmul(other, self)
+
+    def __neg__(self):
+        return ops.neg(self)
+
+    def __getitem__(self, key):
+        return ops.getitem(self, key)
+
+    # comparisons give boolean tensors outside the graph
+    def _compare(self, other, op):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor._wrap(op(self.data, other))
+
+    def __lt__(self, other):
+        return self._compare(other, lambda a, b: a < b)
+
+    def __le__(self, other):
+        return self._compare(other, lambda a, b: a <= b)
+
+    def __gt__(self, other):
+        return self._compare(other, lambda a, b: a > b)
+
+    def __ge__(self, other):
+        return self._compare(other, lambda a, b: a >= b)
+
+    def eq(self, other):
+        return self._compare(other, lambda a, b: a == b)
+
+    __hash__ = object.__hash__
+
+    # ---- methods mirroring the ops ---------------------------------------------------------
+    def sum(self, axis=None, keepdims=False):
+        return ops.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return ops.mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return ops.max(self, axis, keepdims)
+
+    def var(self, axis=None, keepdims=False, ddof=0):
+        return ops.var(self, axis, keepdims, ddof)
+
+    def reshape(self, *shape):
+        return ops.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+
+    def view(self, *shape):
+        return self.reshape(*shape)
+
+    def transpose(self, *axes):
+        return ops.transpose(self, axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else (axes or None))
+
+    def permute(self, *axes):
+        return self.transpose(*axes)
+
+    def swapaxes(self, a, b):
+        return ops.swapaxes(self, a, b)
+
+    @property
+    def T(self):
+        return ops.transpose(self, None)
+
+    @property
+    def mT(self):
+        return ops.swapaxes(self, -1, -2)
+
+    def expand(self, *shape):
+        return ops.broadcast_to(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+
+    def broadcast_to(self, shape):
+        return ops.broadcast_to(self, shape)
+
+    def squeeze(self, axis=None):
+        return ops.squeeze(self, axis)
+
+    def unsqueeze(self, axis):
+        return ops.unsqueeze(self, axis)
+
+    def flatten(self):
+        return ops.reshape(self, (-1,))
+
+    def exp(self):
+        return ops.exp(self)
+
+    def log(self):
+        return ops.log(self)
+
+    def sqrt(self):
+        return ops.sqrt(self)
+
+    def rsqrt(self):
+        return ops.rsqrt(self)
+
+    def tanh(self):
+        return ops.tanh(self)
+
+    def sigmoid(self):
+        return ops.sigmoid(self)
+
+    def relu(self):
+        return ops.relu(self)
+
+    def abs(self):
+        return ops.abs(self)
+
+    def clip(self, lo=None, hi=None):
+        return ops.clip(self, lo, hi)
+
+    def softmax(self, axis=-1):
+        return ops.softmax(self, axis)
+
+    def log_softmax(self, axis=-1):
+        return ops.log_softmax(self, axis)
+
+    def astype(self, dtype):
+        return ops.cast(self, dtype)
+
+    def float(self):
+        return ops.cast(self, "float32")
+
+    def split(self, sizes, axis=0):
+        return ops.split(self, sizes, axis)
+
+
+def tensor(data, requires_grad=False, dtype=None, device=None):
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def _factory(fill, shape, dtype, device, requires_grad):
+    xp = backend.xp_for_device(device)
+    dtype = backend.as_dtype(dtype) or np.dtype(np.float32)
+    device = backend.normalize_device(device)
+    if device.startswith("cuda:"):
+        with xp.cuda.Device(int(device[5:])):
+            return Tensor._wrap(fill(xp, shape, dtype), requires_grad)
+    return Tensor._wrap(fill(xp, shape, dtype), requires_grad)
+
+
+def _shape(shape):
+    return tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else tuple(shape)
+
+
+def zeros(*shape, dtype=None, device=None, requires_grad=False):
+    return _factory(lambda xp, s, d: xp.zeros(s, d), _shape(shape), dtype, device, requires_grad)
+
+
+def ones(*shape, dtype=None, device=None, requires_grad=False):
+    return _factory(lambda xp, s, d: xp.ones(s, d), _shape(shape), dtype, device, requires_grad)
+
+
+def randn(*shape, dtype=None, device=None, requires_grad=False, std=1.0):
+    """Normal(0, std) samples from the engine's seeded generator."""
+    dev = backend.normalize_device(device)
+
+    def fill(xp, s, d):
+        return (backend.rng(dev).standard_normal(s, dtype=np.float32) * std).astype(d)
+
+    return _factory(fill, _shape(shape), dtype, device, requires_grad)
+
+
+def arange(n, dtype="int64", device=None):
+    return _factory(lambda xp, s, d: xp.arange(n, dtype=d), (), dtype, device, False)
+
+
+from autograd import ops  # noqa: E402  (ops builds on Tensor and Function above)
