@@ -1,0 +1,170 @@
+"""Building blocks: Module, Parameter and the common layers.
+
+A Module finds its parameters and submodules by looking at its own attributes: a Parameter,
+a Module, or a list/tuple of Modules (named by their index, e.g. `blocks.0.attn.wq.weight`).
+Any other Tensor attribute is a buffer: it moves with `to(device)` but is not saved in the
+state dict (e.g. RoPE's cos/sin tables, which are recomputed). No metaclass, no registration.
+"""
+
+import numpy as np
+
+from autograd import backend, ops
+from autograd.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor that is a learnable weight of a Module (requires grad)."""
+
+    def __init__(self, data, dtype=None, device=None):
+        super().__init__(data, requires_grad=True, dtype=dtype, device=device)
+
+
+class Module:
+    training = True
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # ---- the module tree ------------------------------------------------------------------
+    def named_children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self, prefix=""):
+        for path, module in self.named_modules(prefix):
+            for name, value in vars(module).items():
+                if isinstance(value, Parameter):
+                    yield (f"{path}.{name}" if path else name), value
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self):
+        return int(sum(p.size for p in self.parameters()))
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self):
+        """Parameter name -> array (the live arrays, not copies)."""
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the parameters, converting to each parameter's dtype and device.
+
+        Raises KeyError listing missing and unexpected names (when strict) and ValueError for
+        shape mismatches, before changing anything.
+        """
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state dict does not match the model: missing {missing or 'none'}, "
+                f"unexpected {unexpected or 'none'}"
+            )
+        for name, value in state.items():
+            if name in params and tuple(np.shape(value)) != params[name].shape:
+                raise ValueError(
+                    f"state dict entry {name!r} has shape {tuple(np.shape(value))}, "
+                    f"the model's parameter has shape {params[name].shape}"
+                )
+        for name, value in state.items():
+            if name in params:
+                p = params[name]
+                value = value.data if isinstance(value, Tensor) else value
+                p.data = backend.to_device(value, p.device).astype(p.dtype, copy=True)
+        return missing, unexpected
+
+    # ---- mode, device, gradients ---------------------------------------------------------------
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device=None, dtype=None):
+        """Move (and/or cast) every parameter and buffer in place; returns self."""
+        dtype = backend.as_dtype(dtype)
+        for m in self.modules():
+            for value in vars(m).values():
+                if isinstance(value, Tensor):
+                    if device is not None:
+                        value.data = backend.to_device(value.data, device)
+                    if dtype is not None and isinstance(value, Parameter):
+                        value.data = value.data.astype(dtype)
+                    value.grad = None
+        return self
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+
+def _uniform(shape, bound, dtype, device):
+    x = backend.rng("cpu").uniform(-bound, bound, size=shape).astype(np.float32)
+    return Parameter(x, dtype=dtype, device=device)
+
+
+class Linear(Module):
+    """y = x W^T + b, W of shape (out_features, in_features); PyTorch's default init."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
+        bound = 1 / np.sqrt(in_features)
+        self.weight = _uniform((out_features, in_features), bound, dtype, device)
+        self.bias = _uniform((out_features,), bound, dtype, device) if bias else None
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings, embedding_dim, dtype=None, device=None):
+        w = backend.rng("cpu").standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
+        self.weight = Parameter(w, dtype=dtype, device=device)
+
+    def forward(self, idx):
+        return ops.embedding(self.weight, idx)
+
+
+class LayerNorm(Module):
+    def __init__(self, dim, eps=1e-5, bias=True, dtype=None, device=None):
+        self.eps = eps
+        self.weight = Parameter(np.ones(dim, np.float32), dtype=dtype, device=device)
+        self.bias = Parameter(np.zeros(dim, np.float32), dtype=dtype, device=device) if bias else None
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(Module):
+    def __init__(self, dim, eps=1e-6, dtype=None, device=None):
+        self.eps = eps
+        self.weight = Parameter(np.ones(dim, np.float32), dtype=dtype, device=device)
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Dropout(Module):
+    def __init__(self, p=0.0):
+        self.p = p
+
+    def forward(self, x):
+        return ops.dropout(x, self.p, self.training)
