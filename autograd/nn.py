@@ -122,22 +122,42 @@ def _uniform(shape, bound, dtype, device):
     return Parameter(x, dtype=dtype, device=device)
 
 
-class Linear(Module):
-    """y = x W^T + b, W of shape (out_features, in_features); PyTorch's default init."""
+def _normal(shape, std, dtype, device):
+    """Normal(0, std) samples from the seeded CPU generator, then cast and moved."""
+    x = backend.rng("cpu").standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return Parameter(x, dtype=dtype, device=device)
 
-    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
-        bound = 1 / np.sqrt(in_features)
-        self.weight = _uniform((out_features, in_features), bound, dtype, device)
-        self.bias = _uniform((out_features,), bound, dtype, device) if bias else None
+
+def _zeros(shape, dtype, device):
+    return Parameter(np.zeros(shape, np.float32), dtype=dtype, device=device)
+
+
+class Linear(Module):
+    """y = x W^T + b, W of shape (out_features, in_features).
+
+    Init: PyTorch's default (uniform in +-1/sqrt(in_features)), or with `std` given,
+    W ~ normal(0, std) and b = 0 (GPT-2's scheme).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None, std=None):
+        shape = (out_features, in_features)
+        if std is None:
+            bound = 1 / np.sqrt(in_features)
+            self.weight = _uniform(shape, bound, dtype, device)
+            self.bias = _uniform((out_features,), bound, dtype, device) if bias else None
+        else:
+            self.weight = _normal(shape, std, dtype, device)
+            self.bias = _zeros((out_features,), dtype, device) if bias else None
 
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
 
 
 class Embedding(Module):
-    def __init__(self, num_embeddings, embedding_dim, dtype=None, device=None):
-        w = backend.rng("cpu").standard_normal((num_embeddings, embedding_dim)).astype(np.float32)
-        self.weight = Parameter(w, dtype=dtype, device=device)
+    """A table of `num_embeddings` rows; init normal(0, std), std=1 as in PyTorch."""
+
+    def __init__(self, num_embeddings, embedding_dim, dtype=None, device=None, std=1.0):
+        self.weight = _normal((num_embeddings, embedding_dim), std, dtype, device)
 
     def forward(self, idx):
         return ops.embedding(self.weight, idx)
