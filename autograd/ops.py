@@ -9,7 +9,7 @@ import builtins
 
 import numpy as np
 
-from autograd import backend
+from autograd import amp, backend
 from autograd.tensor import Function, Tensor
 
 xp_of = backend.get_array_module
@@ -380,13 +380,15 @@ def where(cond, a, b):
 
 class MatMul(Function):
     def forward(self, a, b):
-        self.a, self.b = a, b
-        return a @ b
+        self.dtype = a.dtype
+        self.a, self.b = amp.low(a), amp.low(b)  # bfloat16/float16 under a low-precision mode
+        return amp.high(self.a @ self.b, a.dtype)
 
     def backward(self, g):
         # y = a b  =>  da = g b^T, db = a^T g, in the operands' own (batched, broadcast) shapes.
         a, b = self.a, self.b
         xp = xp_of(g)
+        g = amp.low(g)
         a2 = a[None, :] if a.ndim == 1 else a  # a vector is a 1-row matrix
         b2 = b[:, None] if b.ndim == 1 else b  # ... or a 1-column matrix
         if a.ndim == 1:
@@ -403,7 +405,9 @@ class MatMul(Function):
                 gb = a2.reshape(-1, k).T @ g.reshape(-1, g.shape[-1])
             else:
                 gb = backend.sum_to(xp.swapaxes(a2, -1, -2) @ g, b2.shape)
-            gb = gb.reshape(b.shape)
+            gb = amp.high(gb.reshape(b.shape), self.dtype)
+        if ga is not None:
+            ga = amp.high(ga, self.dtype)
         return ga, gb
 
 
@@ -424,8 +428,10 @@ def matmul(a, b):
 
 class Linear(Function):
     def forward(self, x, w, b=None):
-        self.x, self.w = x, w
-        y = x @ w.T
+        # Under a low-precision mode the product runs in bfloat16/float16 (amp.low) and the
+        # result comes back in x's dtype; the low-precision copies are what backward keeps.
+        self.x, self.w = amp.low(x), amp.low(w)
+        y = amp.high(self.x @ self.w.T, x.dtype)
         if b is not None:
             y += b
         return y
@@ -433,10 +439,11 @@ class Linear(Function):
     def backward(self, g):
         # y = x W^T + b  =>  dx = g W, dW = g^T x (rows of every batch together), db = sum g
         x, w = self.x, self.w
-        gx = g @ w if self.needs_grad[0] else None
+        gl = amp.low(g)
+        gx = amp.high(gl @ w, g.dtype) if self.needs_grad[0] else None
         gw = None
         if self.needs_grad[1]:
-            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            gw = amp.high(gl.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]), g.dtype)
         gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if len(self.needs_grad) > 2 else None
         return gx, gw, gb
 
@@ -822,9 +829,12 @@ class CrossEntropy(Function):
         keep = t != self.ignore_index
         t_safe = xp.where(keep, t, 0)
         m = z.max(axis=1, keepdims=True)
-        lse = (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+        shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
         rows = xp.arange(z.shape[0])
-        losses = (lse - z[rows, t_safe]) * keep
+        # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
+        # lse - z[t] would lose the small loss to rounding at the logits' magnitude
+        losses = (shifted_lse - (z[rows, t_safe] - m[:, 0])) * keep
+        lse = m[:, 0] + shifted_lse
         self.z, self.lse, self.t, self.keep, self.shape = z, lse, t_safe, keep, logits.shape
         if self.reduction == "none":
             return losses.reshape(logits.shape[:-1])
@@ -979,12 +989,14 @@ class Attention(Function):
     def forward(self, q, k, v):
         # q: (B, Hq, T, D); k, v: (B, Hkv, S, D). Query head h uses kv head h // (Hq / Hkv).
         # P = softmax(q k^T * scale + mask), y = P v. Queries are the last T of S positions.
+        # The two products run in amp's matrix-product dtype; the softmax runs in q's dtype.
         xp = xp_of(q)
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
-        qg = q.reshape(B, Hkv, G, T, D)
-        s = qg @ xp.swapaxes(k, -1, -2)[:, :, None]  # (B, Hkv, G, T, S)
+        qg = amp.low(q).reshape(B, Hkv, G, T, D)
+        k, v = amp.low(k), amp.low(v)
+        s = amp.high(qg @ xp.swapaxes(k, -1, -2)[:, :, None], q.dtype)  # (B, Hkv, G, T, S)
         s *= self.scale
         if self.causal:
             s[..., _causal_mask(T, S, xp)] = -np.inf
@@ -994,28 +1006,29 @@ class Attention(Function):
         if self.dropout_p > 0:
             self.mask = (backend.rng(backend.device_of(q)).random(p.shape, dtype=np.float32)
                          >= self.dropout_p) * np.asarray(1 / (1 - self.dropout_p), q.dtype)
-            pd = p * self.mask
+            pd = amp.low(p * self.mask)
         else:
-            pd = p
-        self.q, self.k, self.v, self.p, self.pd = qg, k, v, p, pd
-        y = pd @ v[:, :, None]  # (B, Hkv, G, T, D)
+            pd = amp.low(p)
+        self.q, self.k, self.v, self.p, self.pd, self.dtype = qg, k, v, p, pd, q.dtype
+        y = amp.high(pd @ v[:, :, None], q.dtype)  # (B, Hkv, G, T, D)
         return y.reshape(B, Hq, T, D)
 
     def backward(self, g):
         # dV = Pd^T g;  dPd = g V^T;  dP = dPd * mask;  dS = P (dP - rowsum(dP P)) * scale;
         # dQ = dS K;  dK = dS^T Q. Grouped heads sum their dK, dV over the group axis.
         xp = xp_of(g)
-        qg, k, v, p, pd = self.q, self.k, self.v, self.p, self.pd
+        qg, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
         B, Hkv, G, T, D = qg.shape
-        g = g.reshape(B, Hkv, G, T, D)
-        gv = (xp.swapaxes(pd, -1, -2) @ g).sum(axis=2)
-        dp = g @ xp.swapaxes(v, -1, -2)[:, :, None]
+        g = amp.low(g.reshape(B, Hkv, G, T, D))
+        gv = amp.high((xp.swapaxes(pd, -1, -2) @ g).sum(axis=2), dtype)
+        dp = amp.high(g @ xp.swapaxes(v, -1, -2)[:, :, None], dtype)
         if self.dropout_p > 0:
             dp *= self.mask
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
         ds *= self.scale
-        gq = (ds @ k[:, :, None]).reshape(B, Hkv * G, T, D)
-        gk = (xp.swapaxes(ds, -1, -2) @ qg).sum(axis=2)
+        ds = amp.low(ds)
+        gq = amp.high((ds @ k[:, :, None]).reshape(B, Hkv * G, T, D), dtype)
+        gk = amp.high((xp.swapaxes(ds, -1, -2) @ qg).sum(axis=2), dtype)
         return gq, gk, gv
 
 

@@ -1,0 +1,125 @@
+"""Mixed precision: the dtype matrix products run in, and loss scaling for float16.
+
+Precision modes (`set_precision`, or `with autocast(mode):`):
+- "float32": plain float32 everywhere.
+- "tf32": float32 storage; on CUDA, float32 matrix products use TensorFloat-32 tensor cores
+  (10-bit mantissa inputs, float32 accumulation).
+- "bfloat16" / "float16": the matrix-product ops (linear, matmul, the two products inside
+  attention) cast their float32 operands to the low dtype, multiply with float32 accumulation,
+  and hand back float32. Weights stay float32 ("master weights"), and so do optimizer state,
+  softmax, norms and the loss. float16 has a narrow range: pair it with `GradScaler`.
+"""
+
+import numpy as np
+
+from autograd import backend
+
+MODES = ("float32", "tf32", "bfloat16", "float16")
+
+_mode = "float32"
+_low = None  # the low-precision dtype of the matrix products, or None
+
+
+def set_precision(mode):
+    """Choose the precision mode for every following op (see the module docstring)."""
+    global _mode, _low
+    if mode not in MODES:
+        raise ValueError(f"precision must be one of {', '.join(MODES)}, not {mode!r}")
+    _mode = mode
+    _low = {"bfloat16": backend.bfloat16, "float16": lambda: np.dtype(np.float16)}.get(mode, lambda: None)()
+    _set_cuda_tf32(mode == "tf32")
+
+
+def precision():
+    return _mode
+
+
+def _set_cuda_tf32(on):
+    """Tell CuPy's matmul to use TF32 tensor cores for float32 (only if CuPy is in use)."""
+    if backend._cupy is None:
+        import os
+
+        os.environ["CUPY_TF32"] = "1" if on else "0"  # read by CuPy at its first float32 matmul
+        return
+    from cupy._core import _routines_linalg as linalg
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+class autocast:
+    """`with autocast("bfloat16"): ...` sets the precision mode inside the block."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.prev = _mode
+        set_precision(self.mode)
+
+    def __exit__(self, *exc):
+        set_precision(self.prev)
+
+
+def low(a):
+    """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
+    if _low is not None and a.dtype == np.float32:
+        return a.astype(_low)
+    return a
+
+
+def high(a, dtype):
+    """A matrix product's result back in the working dtype."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+class GradScaler:
+    """Dynamic loss scaling for float16 training.
+
+    Multiply the loss by `scale` before backward so small gradients survive float16; before
+    the optimizer step, divide the gradients by it. A step whose gradients hold inf or nan is
+    skipped and the scale halved; after `growth_interval` good steps in a row it doubles.
+
+        loss = scaler.scale(loss); loss.backward()
+        if scaler.unscale_(opt.parameters()):   # False: overflow, skip this step
+            opt.step()
+        scaler.update()
+    """
+
+    def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000, min_scale=1.0):
+        self.scale_value = float(init_scale)
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval, self.min_scale = growth_interval, min_scale
+        self.good_steps = 0
+        self.found_inf = False
+
+    def scale(self, loss):
+        return loss * self.scale_value
+
+    def unscale_(self, params):
+        """Divide every gradient by the scale; return True when all are finite."""
+        inv = 1.0 / self.scale_value
+        finite = True
+        for p in params:
+            if p.grad is None:
+                continue
+            p.grad *= inv
+            if finite and not bool(p.xp.isfinite(p.grad).all()):
+                finite = False
+        self.found_inf = not finite
+        return finite
+
+    def update(self):
+        if self.found_inf:
+            self.scale_value = max(self.scale_value * self.backoff_factor, self.min_scale)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale_value *= self.growth_factor
+
+    def state_dict(self):
+        return {"scale": self.scale_value, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale_value, self.good_steps = float(state["scale"]), int(state["good_steps"])
