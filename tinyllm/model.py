@@ -1,0 +1,290 @@
+"""The decoder-only transformer (GPT), in the GPT-2 or the Llama flavour.
+
+    logits = head(norm_f(blocks(embed(idx))))
+    block:   x = x + attn(norm1(x));  x = x + mlp(norm2(x))          (pre-norm, residual)
+    attn:    causal multi-head attention, grouped-query when n_kv_heads < n_heads,
+             RoPE on q and k (positions="rope") or learned position embeddings added to the input
+    mlp:     w2(gelu(w1 x))  or  w2(silu(w1 x) * w3 x)  (SwiGLU)
+
+Parameter names in `state_dict()` (they follow the module tree):
+
+    tok_emb.weight                      (vocab_size, d_model)
+    pos_emb.weight                      (context_length, d_model), learned positions only
+    blocks.N.norm1.weight [.bias]       attention pre-norm (bias: LayerNorm with bias=True)
+    blocks.N.attn.wq.weight [.bias]     (n_heads * head_dim, d_model)
+    blocks.N.attn.wk.weight [.bias]     (n_kv_heads * head_dim, d_model)
+    blocks.N.attn.wv.weight [.bias]     (n_kv_heads * head_dim, d_model)
+    blocks.N.attn.wo.weight [.bias]     (d_model, n_heads * head_dim)
+    blocks.N.norm2.weight [.bias]       MLP pre-norm
+    blocks.N.mlp.w1.weight [.bias]      (d_ff, d_model): the GELU MLP's input, SwiGLU's gate
+    blocks.N.mlp.w3.weight              (d_ff, d_model): SwiGLU's up projection only
+    blocks.N.mlp.w2.weight [.bias]      (d_model, d_ff): the down projection
+    norm_f.weight [.bias]               final norm
+    lm_head.weight                      (vocab_size, d_model), absent with tie_embeddings
+
+Initialization (GPT-2's, keeps deep models stable): every Linear and Embedding weight
+~ normal(0, init_std=0.02); the two projections that write into the residual stream
+(attn.wo, mlp.w2) ~ normal(0, 0.02 / sqrt(2 n_layers)), since each of the 2 n_layers residual
+branches adds its variance to the stream; biases 0; norm weights 1. Random numbers come from
+`autograd.backend.rng("cpu")` (seed with `autograd.manual_seed`), then move to config.device.
+
+Generation uses a KV cache: `cache = model.new_cache(batch_size)`, then
+`model(prompt, cache=cache)` and `model(next_tokens, cache=cache)` step by step; see KVCache.
+"""
+
+import math
+
+import numpy as np
+
+from autograd import backend, ops
+from autograd.nn import Dropout, Embedding, LayerNorm, Linear, Module, RMSNorm
+from autograd.tensor import Tensor, is_grad_enabled
+from tinyllm.config import FLAVOURS, PRESETS, ModelConfig, preset_config
+from tinyllm.rope import RotaryEmbedding, rope
+
+__all__ = ["GPT", "ModelConfig", "KVCache", "PRESETS", "FLAVOURS"]
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    `k[i]`, `v[i]` are layer i's preallocated arrays of shape (B, n_kv_heads, max_len, head_dim)
+    (only the kv heads under grouped-query attention); positions 0 .. length-1 are filled.
+    A forward with `cache=` treats idx as the next positions (RoPE angles / learned positions
+    offset by `length`), writes their keys and values, and attends over all `length + T`
+    positions; `length` then grows by T. Every sequence of the batch has the same length.
+    `crop(n)` forgets every position from n on (e.g. to rewind); `reset()` empties the cache.
+    The cached past is a constant: gradients flow only through the new positions.
+    """
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        xp = backend.xp_for_device(device)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [backend.to_device(xp.zeros(shape, dtype), device) for _ in range(n_layers)]
+        self.v = [backend.to_device(xp.zeros(shape, dtype), device) for _ in range(n_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def update(self, layer, k, v):
+        """Store layer `layer`'s new keys/values (B, Hkv, T, D) at the current position and
+        return the keys/values of all positions so far, (B, Hkv, length + T, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k.data
+        self.v[layer][:, :, start:end] = v.data
+        if is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # keep the new positions in the graph; the past is constant
+            past_k, past_v = Tensor(self.k[layer][:, :, :start]), Tensor(self.v[layer][:, :, :start])
+            return ops.concat([past_k, k], axis=2), ops.concat([past_v, v], axis=2)
+        return Tensor(self.k[layer][:, :, :end]), Tensor(self.v[layer][:, :, :end])
+
+    def crop(self, n):
+        """Keep only the first n positions."""
+        if n < 0:
+            raise ValueError(f"KVCache.crop: n must be >= 0, got {n}")
+        self.length = min(self.length, n)
+
+    def reset(self):
+        self.length = 0
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, cfg, layer):
+        d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        kw = dict(bias=cfg.bias, dtype=cfg.dtype, device=cfg.device)
+        self.wq = Linear(d, H * D, std=std, **kw)
+        self.wk = Linear(d, Hkv * D, std=std, **kw)
+        self.wv = Linear(d, Hkv * D, std=std, **kw)
+        self.wo = Linear(H * D, d, std=out_std, **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, D
+        self.layer, self.dropout, self.rope_style = layer, cfg.dropout, cfg.rope_style
+        self.resid_drop = Dropout(cfg.dropout)
+
+    def forward(self, x, rope_tables=None, cache=None):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        # (B, T, H*D) -> (B, H, T, D): a view; RoPE then writes contiguous arrays
+        q = self.wq(x).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        if rope_tables is not None:
+            q = rope(q, *rope_tables, self.rope_style)
+            k = rope(k, *rope_tables, self.rope_style)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = ops.scaled_dot_product_attention(
+            q, k, v, causal=True, dropout_p=self.dropout, training=self.training
+        )
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+        return self.resid_drop(self.wo(y))
+
+
+class MLP(Module):
+    def __init__(self, cfg):
+        d, f = cfg.d_model, cfg.d_ff
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        kw = dict(bias=cfg.bias, dtype=cfg.dtype, device=cfg.device)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = Linear(d, f, std=std, **kw)
+        if self.swiglu:
+            self.w3 = Linear(d, f, std=std, **kw)
+        self.w2 = Linear(f, d, std=out_std, **kw)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = ops.silu(self.w1(x)) * self.w3(x)
+        else:
+            h = ops.gelu(self.w1(x), approximate="tanh")
+        return self.drop(self.w2(h))
+
+
+def _norm(cfg):
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, device=cfg.device)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias, dtype=cfg.dtype, device=cfg.device)
+
+
+class Block(Module):
+    def __init__(self, cfg, layer):
+        self.norm1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope_tables=None, cache=None):
+        x = x + self.attn(self.norm1(x), rope_tables, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(Module):
+    """The language model. `logits, loss = model(idx, targets=None, cache=None)`."""
+
+    def __init__(self, config):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"GPT needs a ModelConfig, not {type(config).__name__}")
+        cfg = self.config = config
+        kw = dict(dtype=cfg.dtype, device=cfg.device)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, **kw)
+        self.pos_emb = None
+        self.rope = None
+        if cfg.positions == "learned":
+            self.pos_emb = Embedding(cfg.context_length, cfg.d_model, std=cfg.init_std, **kw)
+        else:
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta,
+                                        cfg.rope_style, **kw)
+        self.drop = Dropout(cfg.dropout)
+        self.blocks = [Block(cfg, i) for i in range(cfg.n_layers)]
+        self.norm_f = _norm(cfg)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, **kw)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A fresh model from PRESETS[name]; keyword overrides (and flavour="gpt2"|"llama")."""
+        return cls(preset_config(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", device="cpu"):
+        """Load a Hugging Face GPT-2 or Llama checkpoint: a directory with config.json and
+        model.safetensors (or sharded model-0000N-of-0000M.safetensors), or a .safetensors
+        file with config.json beside it."""
+        from tinyllm.checkpoints_hf import load_hf
+
+        return load_hf(cls, path, dtype=dtype, device=device)
+
+    def new_cache(self, batch_size, max_len=None):
+        """An empty KVCache for `batch_size` sequences of up to max_len (default: the context)."""
+        cfg = self.config
+        max_len = cfg.context_length if max_len is None else max_len
+        if not 0 < max_len <= cfg.context_length:
+            raise ValueError(f"new_cache: max_len must be in 1..{cfg.context_length}, got {max_len}")
+        w = self.tok_emb.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+
+    def to(self, device=None, dtype=None):
+        super().to(device, dtype)
+        if device is not None:
+            self.config.device = backend.normalize_device(device)
+        if dtype is not None:
+            self.config.dtype = str(backend.as_dtype(dtype))
+        return self
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _check_idx(self, idx, name="idx"):
+        data = idx.data if isinstance(idx, Tensor) else idx
+        if not (isinstance(data, np.ndarray) or backend.is_cupy_array(data)):
+            data = np.asarray(data)
+        if data.dtype.kind not in "iu":
+            raise TypeError(f"GPT: {name} must hold integer token ids, not {data.dtype}")
+        if data.ndim != 2:
+            raise ValueError(f"GPT: {name} must have shape (batch, time), got {data.shape}")
+        device = self.tok_emb.weight.device
+        return backend.to_device(data, device) if backend.device_of(data) != device else data
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        """Logits (B, T, vocab) and the mean cross-entropy against `targets` (or None).
+
+        idx: integer token ids (B, T), T <= context_length (with a cache: cache.length + T).
+        targets: (B, T) next-token ids; entries equal to -100 are ignored.
+        cache: a KVCache from `new_cache`: idx are the positions after those cached.
+        last_only: compute the logits of the last position only, (B, 1, vocab) (sampling).
+        """
+        cfg = self.config
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        start = 0
+        if cache is not None:
+            start = cache.length
+            if B != cache.batch_size:
+                raise ValueError(f"GPT: idx batch {B} but the cache holds {cache.batch_size} sequences")
+            if start + T > cache.max_len:
+                raise ValueError(
+                    f"GPT: {T} new positions after {start} cached exceed the cache's {cache.max_len}"
+                )
+        if start + T > cfg.context_length:
+            raise ValueError(
+                f"GPT: sequence of length {start + T} is longer than the context ({cfg.context_length})"
+            )
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start:start + T]
+        x = self.drop(x)
+        tables = self.rope.tables(start, T, x.dtype) if self.rope is not None else None
+        for block in self.blocks:
+            x = block(x, tables, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm_f(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = ops.linear(x, head)
+        loss = None
+        if targets is not None:
+            t = self._check_idx(targets, "targets")
+            if t.shape != (B, T) or last_only:
+                raise ValueError(f"GPT: targets of shape {t.shape} for idx of shape {(B, T)}")
+            loss = ops.cross_entropy(logits, t, ignore_index=-100)
+        return logits, loss
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def num_params(self, non_embedding=True):
+        """Number of parameters (tied matrices once). non_embedding=True leaves out the lookup
+        tables that do no arithmetic: position embeddings, and the token embeddings unless they
+        are tied to the LM head (then they are a matmul's weights, as in nanoGPT)."""
+        n = self.num_parameters()
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.size
+            if self.lm_head is not None:
+                n -= self.tok_emb.weight.size
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 N (forward + backward matmuls, N = num_params()) plus
+        12 L T d for attention scores and their weighted sums (T = context length)."""
+        cfg = self.config
+        T = cfg.context_length if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layers * T * cfg.d_model
