@@ -1,0 +1,323 @@
+"""From text to training batches.
+
+1. Documents: the built-in corpus (the English help texts that ship inside CPython, so every
+   machine with Python has it), one text file, or a folder of .txt files (one document each).
+2. Split into train and validation by documents (about 10% of the characters validate). A
+   corpus that cannot be split so (one big file such as tinyshakespeare) is split inside each
+   document instead: its first 90% of characters train, the rest validate.
+3. Tokenize each split into one flat array of token ids with `<|endoftext|>` after every
+   document, stored as raw uint16 (uint32 for vocabularies over 65536) and read back through
+   np.memmap. The files are cached under a key made of the corpus's content hash and the
+   tokenizer's fingerprint, so the second run skips the work.
+4. Batches: B windows of T + 1 consecutive tokens; x is the first T, y the last T (the next
+   token at every position). Windows start at random offsets drawn from a generator seeded
+   by (seed, batch number), or follow each other in order; either way batch k is a pure
+   function of k, which makes resuming exact: the data position is just the batch count.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1  # bump when the token file layout changes: old caches are then ignored
+
+
+# ---- documents ---------------------------------------------------------------------------
+
+def builtin_documents():
+    """The built-in corpus: (topic, text) for every help topic in `pydoc_data.topics`
+    (about 0.5 MB of English prose and code about Python), sorted by topic name."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some distributions strip it
+        raise RuntimeError(
+            "the built-in corpus needs pydoc_data.topics, which this Python lacks; "
+            "pass --data PATH with a text file or a folder of .txt files") from e
+    return [(name, topics[name].strip() + "\n") for name in sorted(topics)]
+
+
+def read_documents(path):
+    """(name, text) pairs from a text file (one document) or a folder of .txt files (one
+    document per file, found recursively, in sorted path order)."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: folder has no .txt files")
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        name = f.name if f == path else str(f.relative_to(path))
+        docs.append((name, text))
+    if not any(text for _, text in docs):
+        raise ValueError(f"{path}: the corpus is empty")
+    return docs
+
+
+def load_corpus(data=None):
+    """Documents of `data` (a path) or of the built-in corpus when it is None/'builtin'."""
+    if data is None or str(data) == "builtin":
+        return builtin_documents()
+    return read_documents(data)
+
+
+def corpus_hash(docs):
+    """SHA-256 over every document's name and text: the cache key of the corpus."""
+    h = hashlib.sha256()
+    for name, text in docs:
+        for part in (name, text):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def split_documents(docs, val_fraction=0.1):
+    """Deterministic train/validation split by documents; returns (train_docs, val_docs).
+
+    Documents are visited in the order of the SHA-256 of their names (arbitrary but fixed,
+    so validation is a sample of the whole corpus, not its alphabetical tail) and go to
+    validation until it holds `val_fraction` of the characters; one that would overshoot
+    the target by half again is skipped. Order within each split is the corpus order.
+    When no document fits (e.g. one big file such as tinyshakespeare), each document is cut
+    instead: its first (1 - val_fraction) of characters train, the rest validate.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    total = sum(len(text) for _, text in docs)
+    target = val_fraction * total
+    order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(
+        f"{i}:{docs[i][0]}".encode("utf-8", "surrogatepass")).hexdigest())
+    chosen, size = set(), 0
+    for i in order:
+        if size >= target:
+            break
+        n = len(docs[i][1])
+        if size + n <= 1.5 * target and len(chosen) < len(docs) - 1:
+            chosen.add(i)
+            size += n
+    if chosen and size >= 0.5 * target:
+        train = [d for i, d in enumerate(docs) if i not in chosen]
+        val = [d for i, d in enumerate(docs) if i in chosen]
+        return train, val
+    train, val = [], []
+    for name, text in docs:
+        cut = int(len(text) * (1 - val_fraction))
+        train.append((name, text[:cut]))
+        val.append((name, text[cut:]))
+    return train, val
+
+
+# ---- tokenizing --------------------------------------------------------------------------
+
+def token_dtype(vocab_size):
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 1 << 32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
+
+
+def tokenizer_fingerprint(tokenizer):
+    """A SHA-256 that changes whenever the tokenizer would encode differently."""
+    body = tokenizer._body()
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode("ascii")).hexdigest()
+
+
+class Progress:
+    """One status line on stderr, rewritten at most every `every` seconds."""
+
+    def __init__(self, label, total, unit="MB", scale=1e6, every=0.5, stream=None, enabled=True):
+        self.label, self.total, self.unit, self.scale = label, total, unit, scale
+        self.every, self.stream, self.enabled = every, stream or sys.stderr, enabled
+        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
+
+    def update(self, n):
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            self._print(now, end="\r")
+
+    def close(self):
+        if self.enabled:
+            self._print(time.perf_counter(), end="\n")
+
+    def _print(self, now, end):
+        dt = max(now - self.t0, 1e-9)
+        pct = 100 * self.done / max(self.total, 1)
+        rate = self.done / self.scale / dt
+        left = (self.total - self.done) / self.scale / rate if rate > 0 else 0
+        print(f"{self.label}: {pct:5.1f}% {self.done / self.scale:.2f}/{self.total / self.scale:.2f} "
+              f"{self.unit}, {rate:.2f} {self.unit}/s, {dt:.0f}s elapsed, ~{left:.0f}s left",
+              end=end, file=self.stream, flush=True)
+
+
+def _chunks(text, size=1 << 18):
+    """Cut a long text into pieces of about `size` characters, each cut just after a newline
+    that is followed by a non-space character: no pre-tokenizer piece spans such a point,
+    so encoding the pieces one by one gives the same tokens as encoding the whole."""
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def tokenize_documents(docs, tokenizer, label="tokenizing", progress=True):
+    """One flat token array for `docs`: each document's tokens then `<|endoftext|>`."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    eot = tokenizer.eot_id
+    total = sum(len(text) for _, text in docs)
+    bar = Progress(label, total, unit="M chars", enabled=progress)
+    parts = []
+    for _, text in docs:
+        for chunk in _chunks(text):
+            parts.append(np.asarray(tokenizer.encode_ordinary(chunk), dtype=dtype))
+            bar.update(len(chunk))
+        if eot is not None:
+            parts.append(np.asarray([eot], dtype=dtype))
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def default_cache_dir():
+    """$TINYLLM_CACHE, else $XDG_CACHE_HOME/tinyllm, else ~/.cache/tinyllm."""
+    if os.environ.get("TINYLLM_CACHE"):
+        return Path(os.environ["TINYLLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tinyllm"
+
+
+def _write_atomic(path, data):
+    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class TokenDataset:
+    """The tokenized train and validation splits (memory-mapped) and what made them."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        self.meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(self.meta["dtype"])
+        self.splits = {}
+        for split in ("train", "val"):
+            path = self.folder / f"{split}.bin"
+            n = self.meta[f"{split}_tokens"]
+            if path.stat().st_size != n * dtype.itemsize:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, meta.json says "
+                                 f"{n} tokens of {dtype} (truncated or corrupt cache; delete it)")
+            self.splits[split] = (np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+                                  if n else np.zeros(0, dtype))
+        self.train, self.val = self.splits["train"], self.splits["val"]
+
+    def __repr__(self):
+        return (f"TokenDataset({self.folder}, train={len(self.train):,} tokens, "
+                f"val={len(self.val):,} tokens, dtype={self.meta['dtype']})")
+
+
+def prepare_dataset(docs, tokenizer, cache_dir=None, val_fraction=0.1, progress=True):
+    """Split, tokenize and cache `docs`; returns a TokenDataset (cached when seen before)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(json.dumps(
+        [FORMAT, corpus_hash(docs), tokenizer_fingerprint(tokenizer), val_fraction]
+    ).encode()).hexdigest()
+    folder = cache_dir / "tokens" / key[:20]
+    if (folder / "meta.json").exists():
+        return TokenDataset(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    t0 = time.perf_counter()
+    meta = {"format": FORMAT, "key": key, "vocab_size": tokenizer.vocab_size,
+            "dtype": token_dtype(tokenizer.vocab_size).name, "eot_id": tokenizer.eot_id,
+            "val_fraction": val_fraction, "corpus_sha256": corpus_hash(docs)}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        tokens = tokenize_documents(split_docs, tokenizer, f"tokenizing {split}", progress)
+        _write_atomic(folder / f"{split}.bin", tokens.tobytes())
+        meta[f"{split}_tokens"] = int(tokens.size)
+        meta[f"{split}_documents"] = len(split_docs)
+        meta[f"{split}_chars"] = sum(len(t) for _, t in split_docs)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())  # last: the marker
+    return TokenDataset(folder)
+
+
+# ---- batches ---------------------------------------------------------------------------------
+
+class Batches:
+    """Fixed-length windows of a token array: `get(k)` is batch number k, (x, y) int64 arrays
+    of shape (batch_size, block_size) with y[:, t] = the token after x[:, t].
+
+    order='random': window starts drawn uniformly from a generator seeded by (seed, k);
+    order='sequential': consecutive windows, wrapping around at the end.
+    """
+
+    def __init__(self, tokens, batch_size, block_size, seed=0, order="random"):
+        if order not in ("random", "sequential"):
+            raise ValueError(f"order must be 'random' or 'sequential', not {order!r}")
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for windows of "
+                             f"{block_size} + 1 tokens (shrink block_size or add data)")
+        self.tokens, self.batch_size, self.block_size = tokens, int(batch_size), int(block_size)
+        self.seed, self.order = int(seed), order
+        self.n_starts = len(tokens) - self.block_size  # valid starts: 0 .. len - T - 1
+        self._offsets = np.arange(self.block_size + 1)
+
+    def starts(self, k):
+        B = self.batch_size
+        if self.order == "random":
+            return np.random.default_rng([self.seed, k]).integers(0, self.n_starts, size=B)
+        first = (k * B + np.arange(B)) * self.block_size
+        return first % self.n_starts
+
+    def get(self, k):
+        windows = np.asarray(self.tokens[self.starts(k)[:, None] + self._offsets], dtype=np.int64)
+        return windows[:, :-1], windows[:, 1:]
+
+    __getitem__ = get
+
+
+def eval_windows(tokens, block_size, max_windows):
+    """Fixed evaluation windows: up to `max_windows` starts spread evenly over the tokens
+    (non-overlapping when there is room), the same every time, so evaluations compare."""
+    n_starts = len(tokens) - block_size
+    if n_starts <= 0:
+        raise ValueError(f"{len(tokens)} validation tokens are too few for windows of "
+                         f"{block_size} + 1 tokens")
+    n = int(min(max_windows, max(1, n_starts // block_size)))
+    return np.linspace(0, n_starts - 1, n).astype(np.int64)
+
+
+def windows_at(tokens, starts, block_size):
+    """(x, y) for windows beginning at `starts`."""
+    w = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
+    return w[:, :-1], w[:, 1:]
