@@ -71,3 +71,43 @@ def float_arrays(draw, shape, low=-2.0, high=2.0, away_from=None, margin=0.05, d
 def positive_arrays(shape, low=0.2, high=3.0):
     """float64 arrays bounded away from zero (for log, sqrt, division)."""
     return float_arrays(shape, low, high)
+
+
+@st.composite
+def tie_free_pair(draw, shape_a, shape_b, low=-2.0, high=2.0, step=0.2):
+    """Two float64 arrays (for maximum) that never tie, even after broadcasting.
+
+    `a` lives on the grid step*k + step/2 and `b` on step*k, so every pair differs by at
+    least step/2 and central differences never cross the kink at a == b.
+    """
+    a = draw(float_arrays(shape_a, low, high))
+    b = draw(float_arrays(shape_b, low, high))
+    return np.round(a / step) * step + step / 2, np.round(b / step) * step
+
+
+# ---- devices -----------------------------------------------------------------------------
+
+def available_devices():
+    """["cpu"], plus "cuda" when CuPy imports and sees a GPU."""
+    from autograd.backend import cuda_available
+
+    return ["cpu", "cuda"] if cuda_available() else ["cpu"]
+
+
+def device_params():
+    """pytest parameters for every device; the cuda one is skipped (with a reason) without a GPU.
+
+        @pytest.mark.parametrize("device", device_params())
+        def test_exp(device): ...
+
+    pytest is imported here, not at module import, so the strategies work without it.
+    """
+    import pytest
+
+    from autograd.backend import cuda_available
+
+    return [
+        pytest.param("cpu", id="cpu"),
+        pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+            not cuda_available(), reason="CuPy with a CUDA GPU is not available")),
+    ]
