@@ -269,6 +269,22 @@ def test_load_rejects_bad_files(trained, tmp_path):
         Tokenizer.load(tmp_path / "missing.json")
 
 
+ascii_text = st.lists(
+    st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=12),
+              st.sampled_from([f for f in FRAGMENTS if f.isascii()])),
+    max_size=12).map("".join)
+
+
+@given(ascii_text)
+def test_ascii_fast_split_equals_regex(text):
+    from tinyllm.tokenizer.patterns import ascii_findall
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        fast = ascii_findall(pattern)
+        if fast is None:
+            pytest.skip("no possessive quantifiers in this Python's re")
+        assert fast(text) == regex.findall(pattern, text)
+
+
 # ---- OpenAI vocabularies against tiktoken ----------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -319,6 +335,12 @@ def test_ids_equal_tiktoken_on_generated_text(openai_pair, text):
     assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
     assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
     assert ours.decode(ours.encode(text, disallowed_special=())) == text
+
+
+@given(text=ascii_text)
+def test_ids_equal_tiktoken_on_ascii_text(openai_pair, text):
+    ours, theirs = openai_pair
+    assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
 
 
 def test_loaded_long_pieces_match_tiktoken(openai_pair):

@@ -21,11 +21,12 @@ import heapq
 import json
 import os
 import tempfile
-from itertools import chain
+import sys
+from itertools import chain, repeat
 
 import regex
 
-from .patterns import pattern_name, resolve_pattern
+from .patterns import ascii_findall, pattern_name, resolve_pattern
 
 FORMAT_NAME = "tinyllm-bpe"
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ ENDOFTEXT = "<|endoftext|>"
 _SHORT_PIECE = 48
 # The piece -> ids cache is cleared when it grows past this many entries.
 _CACHE_LIMIT = 1 << 20
+_NO_MERGE = sys.maxsize  # the rank of a pair that has no merge
 
 
 class TokenizerFileError(ValueError):
@@ -58,20 +60,16 @@ def merge_pair(ids, pair, new_id):
 
 
 def bpe_short(ids, merges):
-    """Merge `ids` by rank, rescanning the pairs after each merge: for short pieces.
-
-    Merging every occurrence of the best pair in one pass equals merging them one at a time:
-    a merge's new pairs all contain the new id, whose merges rank after it."""
+    """Merge `ids` (a list, modified) by rank, rescanning the pairs after each merge: for short
+    pieces. Each step merges the leftmost adjacent pair of lowest rank, as tiktoken does."""
+    get = merges.get
     while len(ids) >= 2:
-        best = None
-        best_rank = None
-        for pair in zip(ids, ids[1:]):
-            rank = merges.get(pair)
-            if rank is not None and (best_rank is None or rank < best_rank):
-                best, best_rank = pair, rank
-        if best is None:
+        ranks = list(map(get, zip(ids, ids[1:]), repeat(_NO_MERGE)))
+        rank = min(ranks)
+        if rank == _NO_MERGE:
             break
-        ids = merge_pair(ids, best, best_rank)
+        i = ranks.index(rank)
+        ids[i:i + 2] = [rank]  # the merged token's id is its rank
     return ids
 
 
@@ -173,6 +171,7 @@ class Tokenizer:
         self._identity_bytes = self.byte_ids == list(range(256))
         self._compiled = regex.compile(self.pattern)
         self._findall = self._compiled.findall
+        self._ascii_findall = ascii_findall(self.pattern)
         self._special_res = {}
         self._cache = {}
 
@@ -249,7 +248,10 @@ class Tokenizer:
 
     def encode_ordinary(self, text):
         """Encode `text` with special-token strings treated as ordinary text."""
-        pieces = self._findall(text)
+        if self._ascii_findall is not None and text.isascii():
+            pieces = self._ascii_findall(text)
+        else:
+            pieces = self._findall(text)
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
@@ -259,8 +261,10 @@ class Tokenizer:
         except KeyError:
             pass
         encode_piece = self._encode_piece
+        whole = self._whole
         for piece in set(pieces).difference(cache):
-            cache[piece] = encode_piece(piece)
+            i = whole.get(piece.encode("utf-8", "surrogatepass")) if whole else None
+            cache[piece] = [i] if i is not None else encode_piece(piece)
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def _special_re(self, specials):

@@ -24,6 +24,8 @@ from collections import Counter
 
 import regex
 
+from .patterns import ascii_findall
+
 CHUNK_CHARS = 1 << 20
 CARRY_CHARS = 256
 
@@ -42,7 +44,13 @@ def _as_chunks(text, chunk_chars):
 def count_pieces(text, pattern, special_tokens=(), chunk_chars=CHUNK_CHARS):
     """Counter of the pattern's pieces over the whole corpus, streaming in chunks."""
     compiled = regex.compile(pattern)
-    findall = compiled.findall
+    unicode_findall = compiled.findall
+    ascii_split = ascii_findall(pattern)
+
+    def findall(s):
+        if ascii_split is not None and s.isascii():
+            return ascii_split(s)
+        return unicode_findall(s)
     specials = regex.compile("|".join(regex.escape(s) for s in
                                       sorted(special_tokens, key=lambda s: (-len(s), s))))
     counts = Counter()
@@ -97,16 +105,20 @@ def count_pieces(text, pattern, special_tokens=(), chunk_chars=CHUNK_CHARS):
 
 
 def merge_word(word, a, b, new_id):
-    """`word` with each non-overlapping (a, b), left to right, replaced by new_id."""
+    """`word` with each non-overlapping (a, b), left to right, replaced by new_id.
+    `list.index` jumps to each candidate `a` at C speed."""
     out = []
     i, n = 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
+    while a in word[i:]:  # slices are short: words are pieces of a few tokens
+        j = word.index(a, i)
+        if j + 1 < n and word[j + 1] == b:
+            out += word[i:j]
             out.append(new_id)
-            i += 2
+            i = j + 2
         else:
-            out.append(word[i])
-            i += 1
+            out += word[i:j + 1]
+            i = j + 1
+    out += word[i:]
     return out
 
 
@@ -157,15 +169,19 @@ def train_merges(text, vocab_size, pattern, special_tokens=(), verbose=False):
             f = freqs[w]
             for p in zip(word, word[1:]):
                 counts[p] -= f
+            # A pair of the new word without new_id was a pair of the old word too, so it is
+            # already counted and indexed; only the pairs with new_id are new.
             for p in zip(new, new[1:]):
-                counts[p] = counts.get(p, 0) + f
-                s = where.get(p)
-                if s is None:
-                    where[p] = {w}
-                else:
-                    s.add(w)
                 if p[0] == new_id or p[1] == new_id:
-                    new_pairs.add(p)
+                    if p in new_pairs:
+                        counts[p] += f
+                        where[p].add(w)
+                    else:
+                        new_pairs.add(p)
+                        counts[p] = f
+                        where[p] = {w}
+                else:
+                    counts[p] += f
             words[w] = new
         del counts[pair]
         for p in new_pairs:
