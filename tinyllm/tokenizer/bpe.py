@@ -172,6 +172,9 @@ class Tokenizer:
         self._compiled = regex.compile(self.pattern)
         self._findall = self._compiled.findall
         self._ascii_findall = ascii_findall(self.pattern)
+        # No merges and a named pattern (whose pieces tile any text): the ids are the bytes.
+        self._bytes_only = (not self.merges and self._identity_bytes
+                            and pattern_name(self.pattern) is not None)
         self._special_res = {}
         self._cache = {}
 
@@ -248,6 +251,8 @@ class Tokenizer:
 
     def encode_ordinary(self, text):
         """Encode `text` with special-token strings treated as ordinary text."""
+        if self._bytes_only:
+            return list(text.encode("utf-8", "surrogatepass"))
         if self._ascii_findall is not None and text.isascii():
             pieces = self._ascii_findall(text)
         else:
