@@ -431,7 +431,10 @@ class Linear(Function):
         # Under a low-precision mode the product runs in bfloat16/float16 (amp.low) and the
         # result comes back in x's dtype; the low-precision copies are what backward keeps.
         self.x, self.w = amp.low(x), amp.low(w)
-        y = amp.high(self.x @ self.w.T, x.dtype)
+        # (..., in) -> (rows, in) first: NumPy runs a stack of matrices times one matrix without
+        # BLAS (20-60x slower on the CPU), while one 2-D product is a single GEMM.
+        rows = self.x.reshape(-1, x.shape[-1])
+        y = amp.high(rows @ self.w.T, x.dtype).reshape(*x.shape[:-1], w.shape[0])
         if b is not None:
             y += b
         return y
@@ -440,7 +443,9 @@ class Linear(Function):
         # y = x W^T + b  =>  dx = g W, dW = g^T x (rows of every batch together), db = sum g
         x, w = self.x, self.w
         gl = amp.low(g)
-        gx = amp.high(gl @ w, g.dtype) if self.needs_grad[0] else None
+        gx = None
+        if self.needs_grad[0]:
+            gx = amp.high(gl.reshape(-1, g.shape[-1]) @ w, g.dtype).reshape(*g.shape[:-1], w.shape[1])
         gw = None
         if self.needs_grad[1]:
             gw = amp.high(gl.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]), g.dtype)
@@ -766,7 +771,8 @@ class Embedding(Function):
 
 def embedding(weight, idx):
     """Rows of `weight` (num_embeddings, dim) picked by the integer array `idx` of any shape."""
-    idx = idx.data if isinstance(idx, Tensor) else weight.xp.asarray(idx)
+    idx = idx.data if isinstance(idx, Tensor) else idx
+    idx = idx if backend.is_cupy_array(idx) else weight.xp.asarray(idx)  # GPU ids: checked below
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers, not {idx.dtype}")
     if backend.device_of(idx) != weight.device:
@@ -862,7 +868,8 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     Fused: the log-softmax and the pick of the target logit happen in one Function, so no
     one-hot array is made. Rows whose target equals `ignore_index` count for nothing.
     """
-    t = targets.data if isinstance(targets, Tensor) else logits.xp.asarray(targets)
+    t = targets.data if isinstance(targets, Tensor) else targets
+    t = t if backend.is_cupy_array(t) else logits.xp.asarray(t)  # GPU targets: checked below
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be mean, sum or none, not {reduction!r}")
     if t.dtype.kind not in "iu":
@@ -989,17 +996,20 @@ class Attention(Function):
     def forward(self, q, k, v):
         # q: (B, Hq, T, D); k, v: (B, Hkv, S, D). Query head h uses kv head h // (Hq / Hkv).
         # P = softmax(q k^T * scale + mask), y = P v. Queries are the last T of S positions.
+        # The G = Hq / Hkv query heads sharing a kv head are stacked as G*T rows of one matrix,
+        # so every product is a plain batched GEMM over (B, Hkv): no broadcast batch axis,
+        # which NumPy would run without BLAS.
         # The two products run in amp's matrix-product dtype; the softmax runs in q's dtype.
         xp = xp_of(q)
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
-        qg = amp.low(q).reshape(B, Hkv, G, T, D)
+        qf = amp.low(q).reshape(B, Hkv, G * T, D)
         k, v = amp.low(k), amp.low(v)
-        s = amp.high(qg @ xp.swapaxes(k, -1, -2)[:, :, None], q.dtype)  # (B, Hkv, G, T, S)
+        s = amp.high(qf @ xp.swapaxes(k, -1, -2), q.dtype)  # (B, Hkv, G*T, S)
         s *= self.scale
         if self.causal:
-            s[..., _causal_mask(T, S, xp)] = -np.inf
+            s.reshape(B, Hkv, G, T, S)[..., _causal_mask(T, S, xp)] = -np.inf
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
         p /= p.sum(axis=-1, keepdims=True)
@@ -1009,26 +1019,28 @@ class Attention(Function):
             pd = amp.low(p * self.mask)
         else:
             pd = amp.low(p)
-        self.q, self.k, self.v, self.p, self.pd, self.dtype = qg, k, v, p, pd, q.dtype
-        y = amp.high(pd @ v[:, :, None], q.dtype)  # (B, Hkv, G, T, D)
+        self.q, self.k, self.v, self.p, self.pd, self.dtype = qf, k, v, p, pd, q.dtype
+        self.q_shape = q.shape
+        y = amp.high(pd @ v, q.dtype)  # (B, Hkv, G*T, D)
         return y.reshape(B, Hq, T, D)
 
     def backward(self, g):
         # dV = Pd^T g;  dPd = g V^T;  dP = dPd * mask;  dS = P (dP - rowsum(dP P)) * scale;
-        # dQ = dS K;  dK = dS^T Q. Grouped heads sum their dK, dV over the group axis.
+        # dQ = dS K;  dK = dS^T Q. With the G grouped heads stacked as rows, the products
+        # Pd^T g and dS^T Q already sum dK, dV over the group.
         xp = xp_of(g)
-        qg, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
-        B, Hkv, G, T, D = qg.shape
-        g = amp.low(g.reshape(B, Hkv, G, T, D))
-        gv = amp.high((xp.swapaxes(pd, -1, -2) @ g).sum(axis=2), dtype)
-        dp = amp.high(g @ xp.swapaxes(v, -1, -2)[:, :, None], dtype)
+        qf, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
+        B, Hkv, GT, D = qf.shape
+        g = amp.low(g.reshape(B, Hkv, GT, D))
+        gv = amp.high(xp.swapaxes(pd, -1, -2) @ g, dtype)
+        dp = amp.high(g @ xp.swapaxes(v, -1, -2), dtype)
         if self.dropout_p > 0:
             dp *= self.mask
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
         ds *= self.scale
         ds = amp.low(ds)
-        gq = amp.high((ds @ k[:, :, None]).reshape(B, Hkv * G, T, D), dtype)
-        gk = amp.high((xp.swapaxes(ds, -1, -2) @ qg).sum(axis=2), dtype)
+        gq = amp.high((ds @ k).reshape(self.q_shape), dtype)
+        gk = amp.high(xp.swapaxes(ds, -1, -2) @ qf, dtype)
         return gq, gk, gv
 
 
