@@ -254,8 +254,9 @@ class Tensor:
                         pending[key] = g
                         heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
             if not retain_graph:
+                generation = fn.generation  # kept, so a later walk reaches the clear error below
                 fn.__dict__.clear()
-                fn._freed = True
+                fn.generation, fn._freed = generation, True
 
     def _accumulate(self, g):
         # A fresh array: the same gradient array may be routed to several inputs.
