@@ -115,11 +115,12 @@ def preset_config(name, **overrides):
     """The ModelConfig of preset `name` with `overrides` applied (`flavour=` switches flavour)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    settings = dict(PRESETS[name])
-    flavour = overrides.pop("flavour", settings.pop("flavour"))
-    settings.pop("flavour", None)
+    preset = dict(PRESETS[name])
+    flavour = overrides.pop("flavour", preset.pop("flavour"))
+    preset.pop("flavour", None)
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; known flavours: {', '.join(FLAVOURS)}")
-    settings.update(FLAVOURS[flavour])
+    settings = dict(FLAVOURS[flavour])  # the flavour, then the preset's own choices, then yours
+    settings.update(preset)
     settings.update(overrides)
     return ModelConfig.from_dict(settings)
