@@ -112,7 +112,7 @@ def _compare(i, analytic, numeric, shape, atol, rtol):
     excess = np.abs(analytic - numeric) - (atol + rtol * np.abs(numeric))
     if excess.size and excess.max() > 0:
         j = int(excess.argmax())
-        where = (f"element {np.unravel_index(j, shape)}" if shape is not None
+        where = (f"element {tuple(int(k) for k in np.unravel_index(j, shape))}" if shape is not None
                  else f"random direction {j}")
         raise GradcheckError(
             f"input {i}: gradient mismatch at {where}: analytic {analytic[j]:.10g}, "
