@@ -9,7 +9,7 @@ import builtins
 
 import numpy as np
 
-from autograd import amp, backend
+from autograd import amp, backend, kernels
 from autograd.tensor import Function, Tensor
 
 xp_of = backend.get_array_module
@@ -834,13 +834,17 @@ class CrossEntropy(Function):
         t = self.targets.reshape(-1)
         keep = t != self.ignore_index
         t_safe = xp.where(keep, t, 0)
-        m = z.max(axis=1, keepdims=True)
-        shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
-        rows = xp.arange(z.shape[0])
-        # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
-        # lse - z[t] would lose the small loss to rounding at the logits' magnitude
-        losses = (shifted_lse - (z[rows, t_safe] - m[:, 0])) * keep
-        lse = m[:, 0] + shifted_lse
+        if kernels.use(z):  # the same, in one pass over the logits
+            losses, lse = kernels.cross_entropy_forward(z, t_safe, -1)
+            losses = (losses * keep).astype(z.dtype, copy=False)
+        else:
+            m = z.max(axis=1, keepdims=True)
+            shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
+            rows = xp.arange(z.shape[0])
+            # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
+            # lse - z[t] would lose the small loss to rounding at the logits' magnitude
+            losses = (shifted_lse - (z[rows, t_safe] - m[:, 0])) * keep
+            lse = m[:, 0] + shifted_lse
         self.z, self.lse, self.t, self.keep, self.shape = z, lse, t_safe, keep, logits.shape
         if self.reduction == "none":
             return losses.reshape(logits.shape[:-1])
@@ -851,15 +855,17 @@ class CrossEntropy(Function):
 
     def backward(self, g):  # dz_i = (softmax(z_i) - onehot(t_i)) * g, zero for ignored rows
         xp = xp_of(g)
+        if self.reduction == "none":
+            scale = g.reshape(-1) * self.keep
+        elif self.reduction == "sum":
+            scale = g * self.keep
+        else:
+            scale = (g / self.count) * self.keep
+        if kernels.use(g):  # the same, in one pass
+            return kernels.cross_entropy_backward(self.z, self.t, self.lse, scale).reshape(self.shape)
         p = xp.exp(self.z - self.lse[:, None])
         p[xp.arange(p.shape[0]), self.t] -= 1
-        if self.reduction == "none":
-            scale = (g.reshape(-1) * self.keep)[:, None]
-        elif self.reduction == "sum":
-            scale = (g * self.keep)[:, None]
-        else:
-            scale = ((g / self.count) * self.keep)[:, None]
-        return (p * scale).reshape(self.shape)
+        return (p * scale[:, None]).reshape(self.shape)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
@@ -893,6 +899,10 @@ class LayerNorm(Function):
     def forward(self, x, w=None, b=None):
         # y = (x - mean) / sqrt(var + eps) * w + b over the last axis
         xp = xp_of(x)
+        if kernels.use(x) and x.dtype == np.float32:  # one kernel; backward recomputes xhat
+            self.fused, self.x, self.w = True, x, w
+            y, self.mean, self.rstd = kernels.norm_forward(x, w, b, self.eps, center=True)
+            return y
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
         self.rstd = 1 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)
@@ -905,6 +915,10 @@ class LayerNorm(Function):
 
     def backward(self, g):
         # With gh = dL/dxhat = g w:  dx = rstd (gh - mean(gh) - xhat mean(gh xhat))
+        if getattr(self, "fused", False):
+            gx, gw, gb = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, True,
+                                               self.w is not None, len(self.needs_grad) > 2)
+            return (gx, gw, gb)[: len(self.needs_grad)]
         xhat, rstd = self.xhat, self.rstd
         gh = g * self.w if self.w is not None else g
         gx = rstd * (gh - gh.mean(axis=-1, keepdims=True)
@@ -922,6 +936,10 @@ class RMSNorm(Function):
     def forward(self, x, w=None):
         # y = x / sqrt(mean(x^2) + eps) * w over the last axis
         xp = xp_of(x)
+        if kernels.use(x) and x.dtype == np.float32:  # one kernel; backward recomputes xhat
+            self.fused, self.x, self.w = True, x, w
+            y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
+            return y
         self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
         self.xhat = x * self.rstd
         self.w = w
@@ -929,6 +947,10 @@ class RMSNorm(Function):
 
     def backward(self, g):
         # With gh = g w:  dx = rstd (gh - xhat mean(gh xhat))
+        if getattr(self, "fused", False):
+            gx, gw, _ = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, False,
+                                              self.w is not None, False)
+            return gx, gw
         xhat = self.xhat
         gh = g * self.w if self.w is not None else g
         gx = self.rstd * (gh - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
@@ -1001,6 +1023,12 @@ class Attention(Function):
         # which NumPy would run without BLAS.
         # The two products run in amp's matrix-product dtype; the softmax runs in q's dtype.
         xp = xp_of(q)
+        if kernels.use(q) and self.dropout_p == 0 and q.dtype == np.float32:
+            # blockwise on the GPU: P is never stored whole; backward recomputes it
+            self.fused = True
+            self.q, self.k, self.v = amp.low(q), amp.low(k), amp.low(v)
+            self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale)
+            return self.y
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
@@ -1029,6 +1057,9 @@ class Attention(Function):
         # dQ = dS K;  dK = dS^T Q. With the G grouped heads stacked as rows, the products
         # Pd^T g and dS^T Q already sum dK, dV over the group.
         xp = xp_of(g)
+        if getattr(self, "fused", False):
+            return kernels.attention_backward(self.q, self.k, self.v, self.y, self.lse, g,
+                                              self.causal, self.scale)
         qf, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
         B, Hkv, GT, D = qf.shape
         g = amp.low(g.reshape(B, Hkv, GT, D))
