@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a CUDA machine, straight from the checkout (nothing installed).
+#
+# The tests are parametrized over devices (autograd.testing.device_params): on a machine where
+# CuPy sees a GPU, every "cuda" case runs; elsewhere those cases skip with a reason. The GPU
+# machine has CuPy, ml_dtypes, numpy, regex, pytest, hypothesis and torch preinstalled, and no
+# package index, so this script only sets PYTHONPATH and calls pytest.
+#
+#   scripts/gpu-check.sh              # the whole suite, hypothesis profile "ci"
+#   HYPOTHESIS_PROFILE=thorough scripts/gpu-check.sh tests/test_ops.py
+#
+# Prints pytest's summary line and exits with pytest's status.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+
+"$PYTHON" - <<'PY'
+import numpy, autograd.backend as b
+ok = b.cuda_available()
+print(f"numpy {numpy.__version__}; CUDA available: {ok}", end="")
+if ok:
+    cp = b.cupy_module()
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"; cupy {cp.__version__}; GPU 0: {name}")
+else:
+    print("  (the cuda test cases will be skipped)")
+PY
+
+log=$(mktemp)
+"$PYTHON" -m pytest -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+echo "gpu-check summary: $(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | tail -1)"
+rm -f "$log"
+
+# ---- GPU benchmarks -----------------------------------------------------------------------------
+# (to be added by the lead: run the benchmark harnesses in benchmarks/ on the GPU here and
+#  record their numbers in benchmarks/RESULTS.md; keep them after the tests so a failing test
+#  still reports its status first)
+# ------------------------------------------------------------------------------------------------
+
+exit "$status"
