@@ -23,7 +23,7 @@ from autograd.gradcheck import GradcheckError, gradcheck
 from autograd.ops import (
     abs, add, broadcast_to, cast, clip, concat, cross_entropy, div, dropout, embedding, exp,
     gelu, getitem, layer_norm, linear, log, log_softmax, matmul, max, maximum, mean, mul, neg,
-    pow, relu, reshape, rms_norm, rsqrt, scaled_dot_product_attention, sigmoid, silu, softmax,
+    pow, relu, reshape, rms_norm, rsqrt, scaled_dot_product_attention, sigmoid, silu, softmax, swiglu,
     split, sqrt, squeeze, stack, sub, sum, swapaxes, tanh, to_device, transpose, unsqueeze, var,
     where,
 )

@@ -214,6 +214,28 @@ class Silu(Function):
         return g * (s * (1 + self.x * (1 - s)))
 
 
+class SwiGLU(Function):
+    def forward(self, a, b):
+        # y = silu(a) * b = a s(a) b, the gated unit of Llama's MLP, in one op
+        self.a, self.b = a, b
+        if kernels.use(a) and a.dtype == b.dtype == np.float32 and a.shape == b.shape:
+            return kernels.swiglu_forward(a, b)
+        return a * (0.5 * (1 + xp_of(a).tanh(0.5 * a))) * b
+
+    def backward(self, g):  # da = g b (s + a s (1 - s)),  db = g a s
+        a, b = self.a, self.b
+        if kernels.use(g) and a.dtype == b.dtype == g.dtype == np.float32 and a.shape == b.shape == g.shape:
+            return kernels.swiglu_backward(g, a, b)
+        s = 0.5 * (1 + xp_of(a).tanh(0.5 * a))
+        return g * b * (s * (1 + a * (1 - s))), g * a * s
+
+
+def swiglu(a, b):
+    """silu(a) * b (the SwiGLU gate), fused: saves only a and b."""
+    _check_broadcast("swiglu", a, b)
+    return SwiGLU().apply(a, b)
+
+
 _GELU_K = float(np.sqrt(2 / np.pi))
 
 
@@ -1093,7 +1115,7 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 # The public differentiable ops, each with a gradient test (tests/test_ops_grad.py checks the list).
 DIFFERENTIABLE_OPS = (
     "add", "sub", "mul", "div", "pow", "maximum", "neg", "exp", "log", "sqrt", "rsqrt",
-    "tanh", "sigmoid", "relu", "silu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
+    "tanh", "sigmoid", "relu", "silu", "swiglu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
     "linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
     "squeeze", "unsqueeze", "concat", "stack", "split", "getitem", "embedding", "softmax",
     "log_softmax", "cross_entropy", "layer_norm", "rms_norm", "dropout",

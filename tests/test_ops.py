@@ -93,6 +93,7 @@ def _binary_inputs(data, name):
 BINARY = {
     "add": (ops.add, np.add), "sub": (ops.sub, np.subtract), "mul": (ops.mul, np.multiply),
     "div": (ops.div, np.divide), "pow": (ops.pow, np.power), "maximum": (ops.maximum, np.maximum),
+    "swiglu": (ops.swiglu, lambda a, b: a / (1 + np.exp(-a)) * b),
 }
 
 
