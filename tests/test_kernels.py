@@ -1,0 +1,149 @@
+"""The fused CUDA kernels against their definition: the same op on NumPy arrays.
+
+Each test runs an op forward and backward on the CPU (NumPy, the readable reference) and on
+the GPU (CuPy, where ops.py calls autograd.kernels), from the same inputs and the same
+upstream gradient, and compares outputs and every input gradient. Skipped without CUDA.
+"""
+
+import numpy as np
+import pytest
+
+import autograd
+from autograd import Tensor, amp, backend, kernels, ops
+
+pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="CuPy with a CUDA GPU is not available")
+
+def run(op, arrays, device, upstream):
+    """Output and input gradients of op(*tensors) under the upstream gradient, as NumPy."""
+    tensors = [Tensor(a, requires_grad=a.dtype.kind == "f", device=device) for a in arrays]
+    y = op(*tensors)
+    y.backward(backend.to_device(upstream, device))
+    return [y.numpy()] + [t.grad.get() if device != "cpu" else t.grad for t in tensors if t.requires_grad]
+
+
+def compare(op, arrays, seed=0, rtol=2e-4, atol=2e-5):
+    rng = np.random.default_rng(seed)
+    with autograd.no_grad():
+        shape, dtype = (lambda y: (y.shape, y.dtype))(op(*[Tensor(a) for a in arrays]))
+    upstream = rng.standard_normal(shape).astype(dtype)
+    want = run(op, arrays, "cpu", upstream)
+    got = run(op, arrays, "cuda", upstream)
+    for i, (g, w) in enumerate(zip(got, want)):
+        err = np.abs(g.astype(np.float64) - w).max() / (np.abs(w).max() + 1e-30)
+        assert err < rtol or np.allclose(g, w, rtol=rtol, atol=atol), f"output/grad {i}: relative error {err:.3g}"
+
+
+def rand(rng, *shape, dtype=np.float32, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("T,S", [(7, 7), (64, 64), (300, 300), (3, 40)])
+def test_attention(causal, heads, T, S):
+    if not causal and T != S:
+        pytest.skip("a cache only makes sense with causal attention")
+    rng = np.random.default_rng(T * S)
+    Hq, Hkv = heads
+    q, k, v = rand(rng, 2, Hq, T, 16), rand(rng, 2, Hkv, S, 16), rand(rng, 2, Hkv, S, 16)
+    compare(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, causal=causal), [q, k, v])
+
+
+def test_attention_float64_uses_the_reference_exactly():
+    rng = np.random.default_rng(1)
+    q, k, v = rand(rng, 1, 2, 9, 8, dtype=np.float64), rand(rng, 1, 2, 9, 8, dtype=np.float64), rand(rng, 1, 2, 9, 8, dtype=np.float64)
+    compare(ops.scaled_dot_product_attention, [q, k, v], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16", "float16"])
+def test_attention_low_precision_close_to_float32(mode):
+    rng = np.random.default_rng(2)
+    q, k, v = rand(rng, 2, 4, 128, 32), rand(rng, 2, 4, 128, 32), rand(rng, 2, 4, 128, 32)
+    ref = ops.scaled_dot_product_attention(*[Tensor(a) for a in (q, k, v)]).numpy()
+    with amp.autocast(mode):
+        got = ops.scaled_dot_product_attention(*[Tensor(a, device="cuda") for a in (q, k, v)]).numpy()
+    assert np.abs(got - ref).max() < (2e-2 if mode != "tf32" else 5e-3)
+
+
+@pytest.mark.parametrize("V", [10, 1000, 50304])
+def test_cross_entropy(V):
+    rng = np.random.default_rng(V)
+    z = rand(rng, 37, V, scale=3.0)
+    t = rng.integers(0, V, 37)
+    t[::5] = -100
+    for reduction in ("mean", "sum", "none"):
+        compare(lambda z: ops.cross_entropy(z, backend.to_device(t, z.device), reduction=reduction), [z])
+
+
+def test_cross_entropy_large_logits_keep_small_losses():
+    z = np.full((4, 100), 1000.0, np.float32)
+    z[:, 3] = 1010.0
+    t = np.array([3, 3, 3, 3])
+    loss = ops.cross_entropy(Tensor(z, device="cuda"), backend.to_device(t, "cuda")).item()
+    ref = np.log(1 + 99 * np.exp(-10.0))
+    assert abs(loss - ref) < 1e-6
+
+
+@pytest.mark.parametrize("d", [8, 768, 2500])
+def test_norms(d):
+    rng = np.random.default_rng(d)
+    x, w, b = rand(rng, 3, 5, d) + 0.5, rand(rng, d), rand(rng, d)
+    compare(lambda x, w, b: ops.layer_norm(x, w, b), [x, w, b])
+    compare(lambda x: ops.layer_norm(x), [x])
+    compare(lambda x, w: ops.rms_norm(x, w), [x, w])
+    compare(lambda x: ops.rms_norm(x), [x])
+
+
+def test_swiglu():
+    rng = np.random.default_rng(3)
+    compare(ops.swiglu, [rand(rng, 4, 33, 70, scale=3), rand(rng, 4, 33, 70)])
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+def test_gemm_against_matmul(ta, tb):
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(4)
+    a = cp.asarray(rand(rng, 3, 20, 12))
+    b = cp.asarray(rand(rng, 3, 20, 12) if ta != tb else rand(rng, 3, 12, 20))
+    if ta and not tb:
+        b = cp.asarray(rand(rng, 3, 20, 9))
+    if tb and not ta:
+        b = cp.asarray(rand(rng, 3, 9, 12))
+    A = a.transpose(0, 2, 1) if ta else a
+    Bm = b.transpose(0, 2, 1) if tb else b
+    want = (A @ Bm).get()
+    got = kernels.gemm(a, b, trans_a=ta, trans_b=tb).get()
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    out = cp.ones(want.shape, np.float32)
+    kernels.gemm(a, b, trans_a=ta, trans_b=tb, out=out, accumulate=True)
+    assert np.allclose(out.get(), want + 1, rtol=1e-5, atol=1e-5)
+    lo = kernels.gemm(a.astype(backend.bfloat16()), b.astype(backend.bfloat16()), trans_a=ta, trans_b=tb)
+    assert lo.dtype == np.float32 and np.allclose(lo.get(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("TINYLLM_FUSED", "0")
+    assert not kernels.use(backend.cupy_module().zeros(3))
+    monkeypatch.setenv("TINYLLM_FUSED", "1")
+    assert kernels.use(backend.cupy_module().zeros(3))
+    assert not kernels.use(np.zeros(3))
+
+
+def test_adamw_kernel_matches_the_numpy_step():
+    from autograd import optim
+
+    rng = np.random.default_rng(5)
+    shapes = [(7, 5), (5,)]
+    params = {dev: [autograd.nn.Parameter(rng.standard_normal(s).astype(np.float32), device=dev)
+                    for s in shapes] for dev in ("cpu", "cuda")}
+    params["cuda"] = [autograd.nn.Parameter(p.numpy(), device="cuda") for p in params["cpu"]]
+    opts = {dev: optim.AdamW(params[dev], lr=1e-2, weight_decay=0.1) for dev in params}
+    for step in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for dev in params:
+            for p, g in zip(params[dev], grads):
+                p.grad = backend.to_device(g, dev)
+            opts[dev].step()
+    for pc, pg in zip(params["cpu"], params["cuda"]):
+        assert np.allclose(pc.numpy(), pg.numpy(), rtol=1e-5, atol=1e-6)
