@@ -35,9 +35,12 @@ echo "gpu-check summary: $(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" 
 rm -f "$log"
 
 # ---- GPU benchmarks -----------------------------------------------------------------------------
-# (to be added by the lead: run the benchmark harnesses in benchmarks/ on the GPU here and
-#  record their numbers in benchmarks/RESULTS.md; keep them after the tests so a failing test
-#  still reports its status first)
+# After the tests, so a failing test still reports first. GPU_CHECK_BENCH=0 skips them;
+# BENCH_ARGS passes options to benchmarks/train_gpu.py (e.g. "--modes tf32 --steps 5").
+if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+    echo "---- benchmarks/train_gpu.py"
+    "$PYTHON" benchmarks/train_gpu.py ${BENCH_ARGS:-}
+fi
 # ------------------------------------------------------------------------------------------------
 
 exit "$status"
