@@ -317,13 +317,21 @@ def test_reshape(device, data):
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_transpose(device, data):
-    shape = data.draw(shapes())
+    shape = data.draw(shapes(max_dims=4))
     x = data.draw(float_arrays(shape))
     perm = data.draw(st.permutations(range(len(shape))))
     perm = [p - len(shape) if data.draw(st.booleans()) else p for p in perm]  # some negative
     axes_arg = None if data.draw(st.booleans()) else perm
     check(lambda t: ops.transpose(t, axes_arg), [x], device, lambda a: np.transpose(a, axes_arg))
     check(lambda t: t.T, [x], device, lambda a: a.T)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transpose_by_a_cycle(device):
+    # a 3-cycle is not its own inverse: the backward must apply the inverse permutation
+    x = np.arange(24.0).reshape(2, 3, 4)
+    check(lambda t: ops.transpose(t, (1, 2, 0)), [x], device, lambda a: a.transpose(1, 2, 0))
+    check(lambda t: t.permute(2, 0, 1), [x], device, lambda a: a.transpose(2, 0, 1))
 
 
 @grad_test("swapaxes")
