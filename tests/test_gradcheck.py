@@ -139,10 +139,13 @@ def test_fast_mode_on_a_big_input(device):
         gradcheck(lambda x: Square("wrong_factor").apply(x), [leaf(big, device)])
     with pytest.raises(GradcheckError, match="random direction"):
         gradcheck(lambda x: Square("upstream_mean").apply(x), [leaf(big, device)])
-    # one wrong element in 120,000 still moves v^T J u by a detectable amount
+    # one element wrong by 1% in 120,000 still moves v^T J u by ~0.1, far above the ~1e-6
+    # rounding error of the central differences (the correct backward passes the same check)
+    threes = np.full(big.shape, 3.0)
+    assert gradcheck(lambda x: Square().apply(x), [leaf(threes, device)], mode="fast", atol=1e-3, rtol=0)
     with pytest.raises(GradcheckError, match="random direction"):
-        gradcheck(lambda x: Square("one_element").apply(x * 1.0) * 1.0, [leaf(big * 0 + 3.0, device)],
-                  mode="fast", atol=1e-9, rtol=1e-9)
+        gradcheck(lambda x: Square("one_element").apply(x), [leaf(threes, device)], mode="fast",
+                  atol=1e-3, rtol=0)
 
 
 def test_full_mode_on_every_element_when_asked():
