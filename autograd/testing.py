@@ -7,6 +7,11 @@
 
 Arrays are float64, well conditioned (bounded, away from zero when asked) and, when asked,
 away from the kinks where a function is not differentiable (relu and abs at 0, max ties).
+
+Devices: `device_params()` gives the pytest parameters "cpu" and "cuda" (the latter skipped
+with a reason when CuPy sees no GPU). It lives here, in the installed package, rather than in
+a helper module under tests/, so test files import it the same way from the repo root, from a
+clean clone or from an installed copy: `from autograd.testing import device_params`.
 """
 
 import numpy as np

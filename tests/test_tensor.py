@@ -363,6 +363,12 @@ def test_low_precision_storage_and_differentiable_cast(device, dtype):
     z.backward(backend.to_device(np.array([1.0, 2.0, 3.0, 4.0], np.float32), device))
     assert x.grad.dtype == np.float32
     np.testing.assert_array_equal(host(x.grad), [2.0, 4.0, 6.0, 8.0])
+    other = "float16" if dtype == "bfloat16" else "bfloat16"  # low to low, then back
+    x.grad = None
+    ops.cast(ops.cast(x.to(dtype=dtype), other), "float32").backward(
+        backend.to_device(np.array([1.0, 2.0, 3.0, 4.0], np.float32), device))
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(host(x.grad), [1.0, 2.0, 3.0, 4.0])
     w = Tensor(values[:3], dtype=dtype, requires_grad=True, device=device)  # low-precision leaves
     ops.cast(w * w, "float32").sum().backward()  # the product in low precision, the sum in float32
     assert w.grad.dtype == backend.as_dtype(dtype)
