@@ -29,9 +29,9 @@ def enabled():
     return os.environ.get("TINYLLM_FUSED", "1") != "0"
 
 
-def use(a):
-    """True when `a` is a CuPy array and the fused kernels are on."""
-    return backend.is_cupy_array(a) and enabled()
+def use(*arrays):
+    """True when every array is a float32 CuPy array and the fused kernels are on."""
+    return enabled() and all(backend.is_cupy_array(a) and a.dtype == np.float32 for a in arrays)
 
 
 def _cp():
@@ -51,6 +51,9 @@ def _ctype(dtype):
 _PRELUDE = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

@@ -922,7 +922,7 @@ class LayerNorm(Function):
     def forward(self, x, w=None, b=None):
         # y = (x - mean) / sqrt(var + eps) * w + b over the last axis
         xp = xp_of(x)
-        if kernels.use(x):  # one kernel; backward recomputes xhat
+        if kernels.use(x, *(a for a in (w, b) if a is not None)):  # one kernel; backward recomputes xhat
             self.fused, self.x, self.w = True, x, w
             y, self.mean, self.rstd = kernels.norm_forward(x, w, b, self.eps, center=True)
             return y
@@ -959,7 +959,7 @@ class RMSNorm(Function):
     def forward(self, x, w=None):
         # y = x / sqrt(mean(x^2) + eps) * w over the last axis
         xp = xp_of(x)
-        if kernels.use(x):  # one kernel; backward recomputes xhat
+        if kernels.use(x, *(a for a in (w,) if a is not None)):  # one kernel; backward recomputes xhat
             self.fused, self.x, self.w = True, x, w
             y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
             return y
@@ -1018,7 +1018,7 @@ def dropout(x, p=0.5, training=True):
     if not training or p == 0:
         return x
     mask = backend.rng(x.device).random(x.shape, dtype=np.float32) >= p
-    return Dropout(mask, np.asarray(1 / (1 - p), dtype=x.dtype)).apply(x)
+    return Dropout(mask, x.xp.asarray(1 / (1 - p), dtype=x.dtype)).apply(x)
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -1066,7 +1066,7 @@ class Attention(Function):
         p /= p.sum(axis=-1, keepdims=True)
         if self.dropout_p > 0:
             self.mask = (backend.rng(backend.device_of(q)).random(p.shape, dtype=np.float32)
-                         >= self.dropout_p) * np.asarray(1 / (1 - self.dropout_p), q.dtype)
+                         >= self.dropout_p) * xp.asarray(1 / (1 - self.dropout_p), q.dtype)
             pd = amp.low(p * self.mask)
         else:
             pd = amp.low(p)
