@@ -1,0 +1,150 @@
+"""Training runs end to end: exact resume, checkpoint integrity, config layering, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tinyllm import checkpoint
+from tinyllm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tinyllm.cli import main as cli_main
+from tinyllm.train import TrainConfig, train
+
+TINY = dict(n_layers=1, d_model=32, n_heads=2, context_length=16)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    for i in range(12):
+        text = " ".join(rng.choice(words, size=300)) + ".\n"
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return folder
+
+
+def config(tmp_path, corpus, **kw):
+    base = dict(data=str(corpus), char=True, model=dict(TINY), steps=6, batch_size=2,
+                block_size=16, warmup=2, lr=3e-3, eval_every=3, eval_iters=2, log_every=2,
+                sample_tokens=0, quiet=True, out=str(tmp_path / "run"),
+                cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run):
+    return {k: np.array(v) for k, v in run.model.state_dict().items()}
+
+
+def test_resume_is_bit_identical(tmp_path, corpus):
+    full, _ = train(config(tmp_path / "a", corpus, steps=6))
+    part, s = train(config(tmp_path / "b", corpus, steps=3))
+    assert s["step"] == 3
+    resumed, s = train(config(tmp_path / "b", corpus, steps=6), resume=tmp_path / "b" / "run")
+    assert s["step"] == 6
+    a, b = weights(full), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    # optimizer moments too
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in sa:
+        for name in sa[i]:
+            assert np.array_equal(sa[i][name], sb[i][name])
+    # metrics: one validation record per evaluation, none duplicated by the resume
+    lines = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
+
+
+def test_training_lowers_the_loss(tmp_path, corpus):
+    run, s = train(config(tmp_path, corpus, steps=40, eval_every=40, lr=1e-2, warmup=5))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[0]["loss"]
+    assert s["best_val"] < first - 1.0  # from ~ln(257) = 5.5 towards the corpus's entropy
+    assert (tmp_path / "run" / "best.ckpt").exists() and (tmp_path / "run" / "last.ckpt").exists()
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.array([1, 2], np.int64)}
+    path = save_checkpoint(tmp_path / "c.ckpt", {"step": 5}, arrays)
+    meta, back = load_checkpoint(path)
+    assert meta == {"step": 5}
+    for k in arrays:
+        assert np.array_equal(arrays[k], back[k]) and arrays[k].dtype == back[k].dtype
+    raw = path.read_bytes()
+    # flip one byte in the array data
+    bad = bytearray(raw)
+    bad[-40] ^= 0xFF
+    (tmp_path / "flip.ckpt").write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match=r"flip\.ckpt: checksum mismatch"):
+        load_checkpoint(tmp_path / "flip.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: .*(truncated|checksum)"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt: not a tinyllm checkpoint"):
+        load_checkpoint(tmp_path / "junk.ckpt")
+    with pytest.raises(CheckpointError, match="missing.ckpt: cannot read"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.ckpt", {"step": 1}, {"w": np.zeros(1000, np.float32)})
+    before = path.read_bytes()
+    calls = {"n": 0}
+    real = checkpoint._write_chunk
+
+    def failing(f, data, h):
+        calls["n"] += 1
+        if calls["n"] == 3:  # header written, the arrays half-way
+            raise OSError("disk full (simulated)")
+        real(f, data, h)
+
+    monkeypatch.setattr(checkpoint, "_write_chunk", failing)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(path, {"step": 2}, {"w": np.ones(1000, np.float32),
+                                            "v": np.ones(10, np.float32)})
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)[0] == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+def test_resume_refuses_other_model_or_tokenizer(tmp_path, corpus):
+    train(config(tmp_path, corpus, steps=3))
+    run_dir = tmp_path / "run"
+    other = config(tmp_path, corpus, steps=6, model=dict(TINY, d_model=64))
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: model config does not match: .*d_model: checkpoint has 32, expected 64"):
+        train(other, resume=run_dir)
+    from tinyllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("the cat sat on the mat " * 50, 270)
+    tok.save(tmp_path / "tok.json")
+    other = config(tmp_path, corpus, steps=6, char=False, tokenizer=str(tmp_path / "tok.json"))
+    # resuming always uses the checkpoint's own tokenizer; a CLI asking for another is refused
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: cannot resume with other settings: .*tokenizer"):
+        cli_main(["train", "--resume", str(run_dir), "--tokenizer", str(tmp_path / "tok.json"), "-q"])
+    # loading weights into a model of another vocabulary names the file and the mismatch
+    from tinyllm.train import Run
+
+    meta, arrays = load_checkpoint(run_dir / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: (model config|tokenizer) does not match"):
+        Run(other, resume_from={"path": run_dir / "last.ckpt", "meta": meta, "arrays": arrays})
+
+
+def test_config_file_and_cli_overrides(tmp_path, corpus):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(f'data = "{corpus}"\nchar = true\nsteps = 2\nbatch_size = 2\n'
+                        f'block_size = 16\neval_every = 2\neval_iters = 1\nsample_tokens = 5\n'
+                        f'[model]\nn_layers = 1\nd_model = 32\nn_heads = 2\ncontext_length = 16\n')
+    out = tmp_path / "cli-run"
+    rc = cli_main(["train", "--config", str(cfg_file), "--steps", "3", "-m", "d_model=16",
+                   "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["model"]["d_model"] == 16
+    assert saved["model"]["n_layers"] == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match="unknown training settings.*stepz"):
+        cli_main(["train", "--config", str(bad)])

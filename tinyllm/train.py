@@ -1,0 +1,635 @@
+"""Pretraining: corpus -> tokenizer -> token files -> model -> checkpoints, in one call.
+
+    tinyllm train                                   # laptop preset, built-in corpus, CPU
+    tinyllm train --data input.txt --char --config examples/shakespeare_char.toml
+    tinyllm train --resume runs/laptop              # continue exactly where it stopped
+
+Settings come in three layers, each overriding the one before: the defaults of TrainConfig,
+a config file (TOML or JSON: training keys at the top level, model overrides in a `[model]`
+table), then the command line. The training loop is plain:
+
+    for step in range(start, steps):
+        lr = schedule(step)
+        for each micro-batch: loss = model(x, y) / grad_accum; loss.backward()
+        grad_norm = clip_grad_norm(params, clip)
+        optimizer.step(); optimizer.zero_grad()
+        every log_every steps: one log line;  every eval_every: validation, checkpoints
+
+The run folder gets config.json, tokenizer.json, metrics.jsonl (one JSON object per log line
+or evaluation), last.ckpt and best.ckpt (lowest validation loss). Batch k is a pure function
+of (seed, k) and the checkpoint holds the weights, optimizer moments, step and RNG state, so
+`--resume` continues bit for bit as if never stopped. Ctrl-C finishes the current step,
+saves last.ckpt and exits; a second Ctrl-C stops at once.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import autograd
+from autograd import backend
+from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
+from tinyllm import data as data_mod
+from tinyllm.checkpoint import CheckpointError, check_match, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    # data and tokenizer
+    data: str = "builtin"  # "builtin" (CPython's pydoc topics), a .txt file, or a folder
+    tokenizer: str | None = None  # a saved tokenizer; None: train one (or bytes with char=True)
+    char: bool = False  # byte-level tokenizer, no merges (character level for ASCII)
+    vocab_size: int = 1024  # merges + 256 bytes when training a tokenizer
+    val_fraction: float = 0.1
+    cache_dir: str | None = None  # token/tokenizer cache; None: $TINYLLM_CACHE or ~/.cache/tinyllm
+    # model
+    preset: str = "laptop"
+    model: dict = field(default_factory=dict)  # ModelConfig overrides (flavour, n_layers, ...)
+    # optimization
+    steps: int = 1000
+    batch_size: int = 16
+    block_size: int | None = None  # tokens per window; None: the model's context length
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # bookkeeping
+    seed: int = 1337
+    log_every: int = 25
+    eval_every: int = 200
+    eval_iters: int = 20  # validation batches per evaluation (fixed windows)
+    out: str | None = None  # run folder; None: runs/<preset>
+    device: str = "cpu"
+    dtype: str = "float32"
+    sample_tokens: int = 300  # printed at the end; 0: none
+    prompt: str = ""  # sample prompt; "" starts a fresh document
+    temperature: float = 0.8
+    top_k: int | None = 40
+    peak_flops: float | None = None  # for MFU on a GPU; None: guessed from the device name
+    quiet: bool = False
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training settings {unknown}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# Settings that may change when resuming (they do not change what a step computes).
+RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
+             "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data"}
+
+
+def read_config_file(path):
+    """A dict from a TOML (.toml) or JSON file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise RuntimeError(f"{path}: reading TOML needs Python 3.11+ or the tomli package; "
+                               "or write the config as JSON") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML: {e}") from None
+
+
+# ---- setup -------------------------------------------------------------------------------
+
+def log(cfg, *args, **kwargs):
+    if not cfg.quiet:
+        print(*args, **kwargs, flush=True)
+
+
+def build_tokenizer(cfg, docs):
+    """The saved tokenizer, bytes-only (char), or one trained on the corpus (cached)."""
+    from tinyllm.tokenizer import Tokenizer
+
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    if cfg.char or cfg.vocab_size <= 256:
+        return Tokenizer.bytes()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else data_mod.default_cache_dir()
+    key = data_mod.corpus_hash(docs)[:16]
+    path = cache / "tokenizers" / f"{key}-v{cfg.vocab_size}.json"
+    if path.exists():
+        return Tokenizer.load(path)
+    t0 = time.perf_counter()
+    tok = Tokenizer.train((text for _, text in docs), cfg.vocab_size)
+    log(cfg, f"trained a {tok.vocab_size}-token BPE tokenizer in {time.perf_counter() - t0:.1f}s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok
+
+
+def build_model(cfg, vocab_size):
+    from tinyllm.model import GPT
+
+    overrides = dict(cfg.model)
+    overrides["vocab_size"] = vocab_size
+    overrides.setdefault("device", cfg.device)
+    overrides.setdefault("dtype", cfg.dtype)
+    return GPT.from_preset(cfg.preset, **overrides)
+
+
+def peak_flops_guess(device):
+    """Dense bf16 tensor-core peak of a few common GPUs (None when unknown, e.g. on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        cp = backend.cupy_module()
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    except Exception:
+        return None
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12),
+                       ("A10", 125e12), ("L4", 121e12), ("T4", 65e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Run:
+    """Everything a training run holds; `train(cfg)` builds one and calls `fit()`."""
+
+    def __init__(self, cfg, resume_from=None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out or f"runs/{cfg.preset}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        autograd.manual_seed(cfg.seed)
+        self.docs = data_mod.load_corpus(cfg.data)
+        if resume_from is not None:
+            self.tokenizer = self._resume_tokenizer(resume_from)
+        else:
+            self.tokenizer = build_tokenizer(cfg, self.docs)
+        self.dataset = data_mod.prepare_dataset(self.docs, self.tokenizer, cfg.cache_dir,
+                                                cfg.val_fraction, progress=not cfg.quiet)
+        self.model = build_model(cfg, self.tokenizer.vocab_size)
+        self.block_size = cfg.block_size or self.model.config.context_length
+        if self.block_size > self.model.config.context_length:
+            raise ValueError(f"block_size {self.block_size} exceeds the model's context length "
+                             f"{self.model.config.context_length}")
+        self.batches = data_mod.Batches(self.dataset.train, cfg.batch_size, self.block_size,
+                                        seed=cfg.seed)
+        self.val_starts = data_mod.eval_windows(self.dataset.val, self.block_size,
+                                                cfg.eval_iters * cfg.batch_size)
+        self.params = self.model.parameters()
+        self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                               eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+        self.step = 0
+        self.best_val = math.inf
+        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
+        self.peak = cfg.peak_flops or peak_flops_guess(cfg.device)
+        self.tokenizer_json = self._tokenizer_json()
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _resume_tokenizer(self, ckpt):
+        """The checkpoint's tokenizer; one named in the config must be the same."""
+        from tinyllm.tokenizer import Tokenizer
+
+        tok_path = self.run_dir / ".resume-tokenizer.json"
+        tok_path.write_text(ckpt["meta"]["tokenizer"])
+        try:
+            tok = Tokenizer.load(tok_path)
+        finally:
+            tok_path.unlink()
+        if self.cfg.tokenizer:
+            asked = Tokenizer.load(self.cfg.tokenizer)
+            a, b = data_mod.tokenizer_fingerprint(asked), ckpt["meta"]["tokenizer_sha256"]
+            if a != b:
+                raise CheckpointError(
+                    f"{ckpt['path']}: tokenizer does not match: {self.cfg.tokenizer} "
+                    f"(vocab {asked.vocab_size}, sha256 {a[:12]}) is not the checkpoint's "
+                    f"(vocab {tok.vocab_size}, sha256 {b[:12]})")
+        return tok
+
+    def _tokenizer_json(self):
+        tmp = self.run_dir / ".tokenizer.json"
+        self.tokenizer.save(tmp)
+        text = tmp.read_text()
+        os.replace(tmp, self.run_dir / "tokenizer.json")
+        return text
+
+    def state(self):
+        """(meta, arrays) of the whole training state."""
+        arrays = {f"model/{k}": backend.to_device(v, "cpu")
+                  for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for i, st in opt.pop("state").items():
+            for k, v in st.items():
+                arrays[f"optim/{i}/{k}"] = v
+        meta = {
+            "step": self.step,
+            "batches_seen": self.step * self.cfg.grad_accum,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "tokenizer": self.tokenizer_json,
+            "tokenizer_sha256": data_mod.tokenizer_fingerprint(self.tokenizer),
+            "optimizer": opt,
+            "schedule": self.schedule.state_dict(),
+            "rng": backend.get_rng_state(),
+            "dataset": {k: self.dataset.meta.get(k) for k in ("key", "train_tokens", "val_tokens")},
+        }
+        return meta, arrays
+
+    def save(self, name):
+        meta, arrays = self.state()
+        return save_checkpoint(self.run_dir / name, meta, arrays)
+
+    def _restore(self, ckpt):
+        path, meta, arrays = ckpt["path"], ckpt["meta"], ckpt["arrays"]
+        check_match(path, "model config", meta["model_config"], self.model.config.to_dict())
+        fp = data_mod.tokenizer_fingerprint(self.tokenizer)
+        if meta["tokenizer_sha256"] != fp:
+            raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
+                                  f"{meta['tokenizer_sha256'][:12]}, this run {fp[:12]})")
+        saved_ds = meta["dataset"]["key"]
+        if saved_ds != self.dataset.meta["key"]:
+            raise CheckpointError(f"{path}: dataset does not match: the checkpoint was trained on "
+                                  f"other data (token cache {saved_ds[:12]}, now "
+                                  f"{self.dataset.meta['key'][:12]})")
+        load_into(self.model, self.optimizer, path, meta, arrays)
+        self.step = meta["step"]
+        self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
+        backend.set_rng_state(meta["rng"])
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self):
+        """Mean loss over the fixed validation windows."""
+        self.model.eval()
+        total, count = 0.0, 0
+        B = self.cfg.batch_size
+        with autograd.no_grad():
+            for i in range(0, len(self.val_starts), B):
+                x, y = data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
+                _, loss = self.model(self._dev(x), self._dev(y))
+                total += loss.item() * len(x)
+                count += len(x)
+        self.model.train()
+        return total / count
+
+    def _dev(self, a):
+        return a if self.cfg.device == "cpu" else backend.to_device(a, self.cfg.device)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def train_step(self):
+        cfg = self.cfg
+        lr = self.schedule.apply(self.optimizer, self.step)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.batches.get(self.step * cfg.grad_accum + micro)
+            _, loss = self.model(self._dev(x), self._dev(y))
+            if cfg.grad_accum > 1:
+                loss = loss * (1.0 / cfg.grad_accum)
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"step {self.step}: loss is {loss_sum} (lower the learning "
+                                     "rate, or resume from the last good checkpoint)")
+        norm = clip_grad_norm(self.params, cfg.clip) if cfg.clip else \
+            grad_norm(self.params)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step += 1
+        return loss_sum, lr, norm
+
+    def fit(self):
+        cfg = self.cfg
+        metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step)
+        (self.run_dir / "config.json").write_text(json.dumps(
+            {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1))
+        n_params = self.model.num_params()
+        ds = self.dataset
+        log(cfg, f"model: {cfg.preset} ({self.model.config.n_layers} layers, "
+                 f"d_model {self.model.config.d_model}), {n_params / 1e6:.2f}M parameters; "
+                 f"vocab {self.tokenizer.vocab_size}; data: {len(ds.train):,} train / "
+                 f"{len(ds.val):,} val tokens")
+        log(cfg, f"training {cfg.steps} steps of {self.tokens_per_step:,} tokens "
+                 f"(batch {cfg.batch_size} x {self.block_size}"
+                 f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}) on "
+                 f"{cfg.device}; run folder {self.run_dir}"
+                 + (f"; resuming at step {self.step}" if self.step else ""))
+        stop = {"flag": False}
+
+        def on_sigint(signum, frame):
+            if stop["flag"]:
+                raise KeyboardInterrupt
+            stop["flag"] = True
+            print("\nCtrl-C: finishing this step and saving (press again to quit at once)",
+                  file=sys.stderr, flush=True)
+
+        old_handler = None
+        try:
+            old_handler = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread
+            pass
+        t_start = time.perf_counter()
+        t_last, step_last = t_start, self.step
+        first_step = self.step
+        smooth = None
+        with open(metrics_path, "a") as metrics:
+            def record(obj):
+                metrics.write(json.dumps(obj) + "\n")
+                metrics.flush()
+
+            try:
+                while self.step < cfg.steps and not stop["flag"]:
+                    loss, lr, norm = self.train_step()
+                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        now = time.perf_counter()
+                        tps = (self.step - step_last) * self.tokens_per_step / (now - t_last)
+                        done = self.step - first_step
+                        eta = (now - t_start) / done * (cfg.steps - self.step)
+                        line = (f"step {self.step:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                                f"grad norm {norm:.3f} | {tps:,.0f} tok/s | ETA {fmt_time(eta)}")
+                        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                               "tokens_per_s": tps, "elapsed_s": now - t_start}
+                        if self.peak:
+                            mfu = self.model.flops_per_token(self.block_size) * tps / self.peak
+                            line += f" | MFU {100 * mfu:.1f}%"
+                            rec["mfu"] = mfu
+                        log(cfg, line)
+                        record(rec)
+                        t_last, step_last = now, self.step
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        t0 = time.perf_counter()
+                        val = self.evaluate()
+                        best = val < self.best_val
+                        if best:
+                            self.best_val = val
+                        record({"step": self.step, "val_loss": val, "val_ppl": math.exp(val),
+                                "elapsed_s": time.perf_counter() - t_start})
+                        self.save("last.ckpt")
+                        if best:
+                            self.save("best.ckpt")
+                        log(cfg, f"step {self.step:>5} | val loss {val:.4f} | val ppl "
+                                 f"{math.exp(val):.2f}{' | best, saved' if best else ''} "
+                                 f"({time.perf_counter() - t0:.1f}s)")
+                        t_last += time.perf_counter() - t0  # keep eval time out of tok/s
+            finally:
+                if old_handler is not None:
+                    signal.signal(signal.SIGINT, old_handler)
+        elapsed = time.perf_counter() - t_start
+        if stop["flag"]:
+            path = self.save("last.ckpt")
+            log(cfg, f"interrupted at step {self.step}; saved {path}; continue with: "
+                     f"tinyllm train --resume {self.run_dir}")
+        else:
+            log(cfg, f"done: {self.step} steps in {fmt_time(elapsed)} ({elapsed:.1f}s); best val "
+                     f"loss {self.best_val:.4f}; checkpoints in {self.run_dir}")
+        return {"step": self.step, "best_val": self.best_val, "elapsed_s": elapsed,
+                "interrupted": stop["flag"]}
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def sample(self, n_tokens, prompt="", temperature=0.8, top_k=40, seed=0):
+        return sample_text(self.model, self.tokenizer, n_tokens, prompt, temperature, top_k, seed)
+
+
+def load_into(model, optimizer, path, meta, arrays):
+    """Copy a checkpoint's weights (and optimizer state) into `model` (and `optimizer`)."""
+    weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(weights)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {e}") from None
+    if optimizer is not None:
+        opt = dict(meta["optimizer"])
+        state = {}
+        for k, v in arrays.items():
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                state.setdefault(int(i), {})[name] = v
+        opt["state"] = state
+        opt["groups"] = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
+                         for g in opt["groups"]]
+        try:
+            optimizer.load_state_dict(opt)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit: {e}") from None
+
+
+def _truncate_metrics(path, step):
+    """Drop metric records past `step` (left by a run that crashed after its last save)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def sample_text(model, tokenizer, n_tokens, prompt="", temperature=0.8, top_k=40, seed=0):
+    """Sample `n_tokens` after `prompt` (a fresh document when empty); returns the new text."""
+    try:
+        from tinyllm.generate import generate as _generate  # the KV-cache sampler, when present
+    except ImportError:
+        _generate = None
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+    if _generate is not None:
+        try:
+            out = _generate(model, ids, max_new_tokens=n_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed)
+            out = out.tolist() if hasattr(out, "tolist") else list(out)
+            out = out[0] if out and isinstance(out[0], list) else out
+            new = out[len(ids):] if out[:len(ids)] == ids else out
+            return tokenizer.decode([t for t in new if t != tokenizer.eot_id])
+        except TypeError:
+            pass  # another signature: fall back to the simple loop
+    return _sample_loop(model, tokenizer, ids, n_tokens, temperature, top_k, seed)
+
+
+def _sample_loop(model, tokenizer, ids, n_tokens, temperature, top_k, seed):
+    """Plain sampling with the model's KV cache: feed the prompt, then one token at a time."""
+    rng = np.random.default_rng(seed)
+    ctx = model.config.context_length
+    ids = list(ids)[-ctx:]
+    out = []
+    model.eval()
+    with autograd.no_grad():
+        cache = model.new_cache(1)
+        logits, _ = model(np.asarray([ids]), cache=cache, last_only=True)
+        for _ in range(n_tokens):
+            z = backend.to_device(logits.data[0, -1], "cpu").astype(np.float64)
+            if temperature <= 0:
+                nxt = int(z.argmax())
+            else:
+                z = z / temperature
+                if top_k:
+                    kth = np.sort(z)[-min(top_k, len(z))]
+                    z = np.where(z < kth, -np.inf, z)
+                p = np.exp(z - z.max())
+                nxt = int(rng.choice(len(p), p=p / p.sum()))
+            out.append(nxt)
+            if cache.length >= ctx:  # context full: start over on the last half
+                keep = (ids + out)[-(ctx // 2):]
+                cache = model.new_cache(1)
+                logits, _ = model(np.asarray([keep]), cache=cache, last_only=True)
+            else:
+                logits, _ = model(np.asarray([[nxt]]), cache=cache, last_only=True)
+    model.train()
+    return tokenizer.decode([t for t in out if t != tokenizer.eot_id]) if tokenizer.eot_id \
+        is not None else tokenizer.decode(out)
+
+
+# ---- entry points -----------------------------------------------------------------------------
+
+def train(cfg, resume=None):
+    """Train per `cfg` (a TrainConfig); `resume`: a run folder or .ckpt file to continue.
+    Returns the Run (model, tokenizer, ...) and a summary dict."""
+    ckpt = None
+    if resume is not None:
+        path = Path(resume)
+        path = path / "last.ckpt" if path.is_dir() else path
+        meta, arrays = load_checkpoint(path)
+        ckpt = {"path": path, "meta": meta, "arrays": arrays}
+    run = Run(cfg, resume_from=ckpt)
+    summary = run.fit()
+    return run, summary
+
+
+def config_from_args(args):
+    """Defaults, then --config file, then command-line flags (those given)."""
+    settings = {}
+    resume_meta = None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.ckpt" if path.is_dir() else path
+        resume_meta, _ = load_checkpoint(path)
+        settings.update(resume_meta["train_config"])
+        settings["out"] = str(path.parent)
+    if args.config:
+        file_settings = read_config_file(args.config)
+        settings.update(file_settings)
+    cli = {k: v for k, v in vars(args).items()
+           if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None
+           and k != "model"}
+    if args.model:
+        model = dict(settings.get("model", {}))
+        for item in args.model:
+            if "=" not in item:
+                raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            model[k] = _parse_value(v)
+        cli["model"] = model
+    if resume_meta is not None:
+        saved = resume_meta["train_config"]
+        changed = {k: (saved.get(k), v) for k, v in {**(read_config_file(args.config) if args.config
+                                                        else {}), **cli}.items()
+                   if k not in RESUMABLE and saved.get(k) != v}
+        if changed:
+            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
+                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
+    settings.update(cli)
+    return TrainConfig.from_dict(settings, args.config or "command line")
+
+
+def _parse_value(v):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def cmd_train(args):
+    cfg = config_from_args(args)
+    run, summary = train(cfg, resume=args.resume)
+    if cfg.sample_tokens and not summary["interrupted"]:
+        t0 = time.perf_counter()
+        text = run.sample(cfg.sample_tokens, cfg.prompt, cfg.temperature, cfg.top_k, cfg.seed)
+        print(f"\n--- sample ({cfg.sample_tokens} tokens, temperature {cfg.temperature}, "
+              f"{time.perf_counter() - t0:.1f}s) ---\n{cfg.prompt}{text}\n---")
+    return 0
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "train", help="pretrain a model on a text corpus (default: laptop preset, built-in corpus)",
+        description="Pretrain a model. Settings: TrainConfig defaults < --config file < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--config", help="TOML or JSON file of settings ([model] table for the model)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly")
+    p.add_argument("--data", help=f"text file or folder of .txt files (default {d.data})")
+    p.add_argument("--tokenizer", help="a saved tokenizer (default: train one on the data)")
+    p.add_argument("--char", action="store_true", default=None,
+                   help="byte-level tokenizer, no merges (character level)")
+    p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary to train ({d.vocab_size})")
+    p.add_argument("--cache-dir", help="token cache folder (default ~/.cache/tinyllm)")
+    p.add_argument("--preset", help=f"model preset ({d.preset})")
+    p.add_argument("-m", "--model", action="append", metavar="KEY=VALUE",
+                   help="model setting override, e.g. -m n_layers=6 -m flavour=gpt2 (repeatable)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch ({d.batch_size})")
+    p.add_argument("--block-size", type=int, help="tokens per sequence (model context)")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step ({d.grad_accum})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({d.lr})")
+    p.add_argument("--min-lr", type=float, help=f"final learning rate ({d.min_lr})")
+    p.add_argument("--warmup", type=int, help=f"warmup steps ({d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"])
+    p.add_argument("--weight-decay", type=float, help=f"AdamW decay ({d.weight_decay})")
+    p.add_argument("--beta1", type=float)
+    p.add_argument("--beta2", type=float)
+    p.add_argument("--clip", type=float, help=f"gradient-norm clip, 0 = off ({d.clip})")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int, help=f"steps between log lines ({d.log_every})")
+    p.add_argument("--eval-every", type=int, help=f"steps between evaluations ({d.eval_every})")
+    p.add_argument("--eval-iters", type=int, help=f"validation batches ({d.eval_iters})")
+    p.add_argument("-o", "--out", help="run folder (default runs/<preset>)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--dtype", help="float32")
+    p.add_argument("--sample-tokens", type=int, help=f"tokens sampled at the end ({d.sample_tokens})")
+    p.add_argument("--prompt", help="prompt for the final sample")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
+    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.set_defaults(func=cmd_train)
+    return p
