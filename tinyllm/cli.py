@@ -15,6 +15,10 @@ def build_parser():
     from tinyllm.tokenizer import cli as tokenizer_cli
 
     tokenizer_cli.register(sub)
+    from tinyllm import plot, train
+
+    train.register(sub)
+    plot.register(sub)
     from tinyllm import generate
 
     generate.register(sub)
