@@ -1,0 +1,229 @@
+"""CPU training throughput: tinyllm against the same model in PyTorch (eager), in one run.
+
+A full training step on both sides: forward, cross-entropy, backward, global-norm clip at 1.0,
+AdamW (decoupled decay, no decay on vectors), zero grads. Tokens/s = batch * block / step time,
+the median over the timed steps after warmup steps. The PyTorch model below is written to
+match tinyllm's (same layers, shapes and tied embeddings; its own random weights).
+
+    python benchmarks/train_cpu.py                 # both sizes
+    python benchmarks/train_cpu.py --steps 5 --only laptop
+    python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step, top ops
+"""
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import autograd
+from autograd.optim import AdamW, clip_grad_norm
+from tinyllm.config import preset_config
+from tinyllm.model import GPT
+
+# (preset, overrides, batch, block): the laptop preset as `tinyllm train` runs it, and the
+# nanoGPT shakespeare_char-sized model (6 x 384, context 256) at a CPU-sized batch, no dropout.
+CASES = {
+    "laptop": ("laptop", dict(vocab_size=1025), 16, 128),
+    "shakespeare-char": ("shakespeare-char", dict(vocab_size=65, dropout=0.0), 8, 256),
+}
+
+
+def torch_model(cfg):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(cfg.d_model))
+            self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.bias and cfg.norm == "layer" else None
+
+        def forward(self, x):
+            if cfg.norm == "rms":
+                return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * self.weight
+            return F.layer_norm(x, (cfg.d_model,), self.weight, self.bias, cfg.norm_eps)
+
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.outer(torch.arange(cfg.context_length).float(), inv)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):  # rotate-half, x (B, H, T, D)
+        T = x.shape[2]
+        c, s = cos[:T], sin[:T]
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d, H, Hkv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+            self.norm1, self.norm2 = Norm(), Norm()
+            self.wq = nn.Linear(d, H * D, bias=cfg.bias)
+            self.wk = nn.Linear(d, Hkv * D, bias=cfg.bias)
+            self.wv = nn.Linear(d, Hkv * D, bias=cfg.bias)
+            self.wo = nn.Linear(H * D, d, bias=cfg.bias)
+            self.w1 = nn.Linear(d, cfg.d_ff, bias=cfg.bias)
+            self.w3 = nn.Linear(d, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+            self.w2 = nn.Linear(cfg.d_ff, d, bias=cfg.bias)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            h = self.norm1(x)
+            q = self.wq(h).view(B, T, cfg.n_heads, D).transpose(1, 2)
+            k = self.wk(h).view(B, T, cfg.n_kv_heads, D).transpose(1, 2)
+            v = self.wv(h).view(B, T, cfg.n_kv_heads, D).transpose(1, 2)
+            if cfg.positions == "rope":
+                q, k = rope(q), rope(k)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            x = x + self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            h = self.norm2(x)
+            if self.w3 is not None:
+                h = F.silu(self.w1(h)) * self.w3(h)
+            else:
+                h = F.gelu(self.w1(h), approximate="tanh")
+            return x + self.w2(h)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.positions == "learned" else None
+            self.blocks = nn.ModuleList(Block() for _ in range(cfg.n_layers))
+            self.norm = Norm()
+            for p in self.parameters():
+                if p.ndim == 2:
+                    nn.init.normal_(p, std=0.02)
+
+        def forward(self, idx, targets):
+            x = self.tok(idx)
+            if self.pos is not None:
+                x = x + self.pos.weight[: idx.shape[1]]
+            for b in self.blocks:
+                x = b(x)
+            logits = self.norm(x) @ self.tok.weight.T
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    return Model()
+
+
+def batches(vocab, B, T, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab, (B, T)), rng.integers(0, vocab, (B, T))) for _ in range(n)]
+
+
+def time_steps(step, data, warmup):
+    times = []
+    for i, (x, y) in enumerate(data):
+        t0 = time.perf_counter()
+        step(x, y)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_tinyllm(cfg, B, T, steps, warmup):
+    autograd.manual_seed(0)
+    model = GPT(cfg)
+    params = model.parameters()
+    opt = AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def step(x, y):
+        _, loss = model(x, y)
+        loss.backward()
+        clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return time_steps(step, batches(cfg.vocab_size, B, T, steps + warmup), warmup), step, model
+
+
+def bench_torch(cfg, B, T, steps, warmup):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_model(cfg)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def step(x, y):
+        loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n = sum(p.numel() for p in model.parameters())
+    return time_steps(step, batches(cfg.vocab_size, B, T, steps + warmup), warmup), n
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", choices=list(CASES))
+    ap.add_argument("--profile", action="store_true", help="cProfile tinyllm's step")
+    args = ap.parse_args()
+    try:
+        import torch
+        threads = torch.get_num_threads()
+    except ImportError:
+        torch, threads = None, None
+    print(f"# {cpu_name()}, nproc {os.cpu_count()}, numpy {np.__version__}"
+          + (f", torch {torch.__version__} ({threads} threads)" if torch else ", no torch")
+          + f", {time.strftime('%Y-%m-%d')}")
+    print("| model | params | batch x block | tinyllm tok/s | PyTorch tok/s | tinyllm / PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for name, (preset, over, B, T) in CASES.items():
+        if args.only and name != args.only:
+            continue
+        cfg = preset_config(preset, **over)
+        t_ours, step, model = bench_tinyllm(cfg, B, T, args.steps, args.warmup)
+        ours = B * T / t_ours
+        if torch is not None:
+            t_torch, _ = bench_torch(cfg, B, T, args.steps, args.warmup)
+            theirs = B * T / t_torch
+            ratio = f"{ours / theirs:.2f}x"
+            theirs = f"{theirs:,.0f}"
+        else:
+            theirs, ratio = "-", "-"
+        print(f"| {name} ({cfg.n_layers}x{cfg.d_model}, {'llama' if cfg.mlp == 'swiglu' else 'gpt2'}) "
+              f"| {model.num_parameters() / 1e6:.2f}M | {B} x {T} | {ours:,.0f} | {theirs} | {ratio} |",
+              flush=True)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            data = batches(cfg.vocab_size, B, T, 3)
+            prof = cProfile.Profile()
+            prof.enable()
+            for x, y in data:
+                step(x, y)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
