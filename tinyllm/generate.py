@@ -287,7 +287,7 @@ class _TextRow:
     def push(self, token):
         """Add a token; return the text that became final ('' if none)."""
         if token in self.stop_tokens:
-            return self._finish("stop_token")
+            return self.close("stop_token")
         self.tokens.append(token)
         self.text += self.decoder.decode(self.tok.decode_bytes([token]))
         return self._check()
@@ -312,13 +312,13 @@ class _TextRow:
         self.done, self.reason = True, reason
         return self._emit(len(self.text))
 
-    def close(self):
-        """End of generation: flush an incomplete character (as U+FFFD) and held-back text."""
+    def close(self, reason="max_new_tokens"):
+        """End of the row: flush an incomplete character (as U+FFFD) and held-back text."""
         if self.done:
             return ""
         self.text += self.decoder.decode(b"", final=True)
-        piece = self._check()
-        return piece + (self._finish("max_new_tokens") if not self.done else "")
+        piece = self._check()  # the flushed text may complete a stop string
+        return piece + (self._finish(reason) if not self.done else "")
 
 
 def _prompt_ids(tokenizer, prompt):
