@@ -99,6 +99,8 @@ def test_greedy_is_the_argmax_of_full_forwards_and_deterministic():
     assert out == expected[3:]
     assert generate(model, ids, max_new_tokens=10, temperature=0) == out
     assert model.training  # the mode is restored
+    for _ in decode_steps(model, [ids], max_new_tokens=2):
+        assert autograd.is_grad_enabled()  # no_grad covers the forwards, not the caller
 
 
 def test_seeded_sampling_is_reproducible_and_ignores_global_state():

@@ -176,7 +176,8 @@ def decode_steps(model, ids, max_new_tokens=100, temperature=1.0, top_k=None, to
                  min_p=None, repetition_penalty=1.0, seed=None, overflow="slide", shift=None):
     """Generate from equal-length prompts ids (B, T), yielding `(tokens (B,), logits (B, V))` for
     each step: the chosen tokens and the raw float64 logits they were chosen from (before the
-    penalty and filters). Stop by leaving the loop; the model is in eval mode meanwhile."""
+    penalty and filters). Arguments are checked when the first step is asked for. Stop by
+    leaving the loop (or `.close()`); the model is in eval mode until then."""
     _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
     cfg = model.config
     ctx, V = cfg.context_length, cfg.vocab_size
@@ -203,30 +204,31 @@ def decode_steps(model, ids, max_new_tokens=100, temperature=1.0, top_k=None, to
     was_training = model.training
     model.eval()
     try:
-        with no_grad():
-            cache = model.new_cache(B)
-            logits = _forward(model, buf[:, max(0, n - ctx):n], cache)
-            for step in range(max_new_tokens):
-                nxt = choose_next(logits, seen, rng, temperature, top_k, top_p, min_p,
-                                  repetition_penalty)
-                yield nxt, logits
-                buf[:, n] = nxt
-                n += 1
-                seen[np.arange(B), nxt] = True
-                if step == max_new_tokens - 1:
-                    break
-                if cache.length == ctx:  # window full: drop `shift` oldest, prefill the rest
-                    cache.reset()
-                    logits = _forward(model, buf[:, n - (ctx + 1 - shift):n], cache)
-                else:
-                    logits = _forward(model, buf[:, n - 1:n], cache)
+        cache = model.new_cache(B)
+        logits = _forward(model, buf[:, max(0, n - ctx):n], cache)
+        for step in range(max_new_tokens):
+            nxt = choose_next(logits, seen, rng, temperature, top_k, top_p, min_p,
+                              repetition_penalty)
+            yield nxt, logits
+            buf[:, n] = nxt
+            n += 1
+            seen[np.arange(B), nxt] = True
+            if step == max_new_tokens - 1:
+                break
+            if cache.length == ctx:  # window full: drop `shift` oldest, prefill the rest
+                cache.reset()
+                logits = _forward(model, buf[:, n - (ctx + 1 - shift):n], cache)
+            else:
+                logits = _forward(model, buf[:, n - 1:n], cache)
     finally:
         model.train(was_training)
 
 
 def _forward(model, idx, cache):
-    """Float64 logits (B, V) of the last position, on the CPU."""
-    logits, _ = model(idx, cache=cache, last_only=True)
+    """Float64 logits (B, V) of the last position, on the CPU. (no_grad per call, not around
+    the loop: the caller's code between steps keeps its own gradient mode.)"""
+    with no_grad():
+        logits, _ = model(idx, cache=cache, last_only=True)
     return backend.to_device(logits.data[:, -1], "cpu").astype(np.float64)
 
 
