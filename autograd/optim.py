@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from autograd import backend
+from autograd import backend, kernels
 
 
 def _param_array(p):
@@ -229,8 +229,11 @@ class AdamW(Optimizer):
                 xp = backend.get_array_module(p.data)
                 m = self._buffer(p, "exp_avg")
                 v = self._buffer(p, "exp_avg_sq")
-                tmp = self._tmp(p.data)
                 w = p.data
+                if kernels.use(w, g):  # on the GPU: the same update in one fused pass
+                    kernels.adamw_step(w, g, m, v, lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
+                    continue
+                tmp = self._tmp(p.data)
                 if wd:
                     w *= 1 - lr * wd
                 # m += (1 - b1) (g - m): the same lerp PyTorch uses

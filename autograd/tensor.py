@@ -11,6 +11,7 @@ before its creator and deep graphs never touch Python's recursion limit.
 
 import heapq
 import itertools
+import weakref
 
 import numpy as np
 
@@ -81,11 +82,31 @@ class Function:
         self.needs_grad = needs
         out = Tensor._wrap(self.forward(*arrays), requires_grad=record)
         if record:
-            self.inputs = tensors
+            self.inputs = [_edge(t) for t in tensors]
             self.generation = max(t._generation for t in tensors if t is not None)
             out._ctx = self
             out._generation = self.generation + 1
         return out
+
+
+class _Edge:
+    """What backward needs of a non-leaf input: its creator, shape and dtype.
+
+    The graph holds these rather than the tensors, so an intermediate array lives on only
+    if some Function saved it for its backward. A weak reference finds the tensor again
+    if it is still around and asked to keep its gradient (retain_grad).
+    """
+
+    __slots__ = ("_ctx", "shape", "dtype", "tensor")
+
+    def __init__(self, t):
+        self._ctx, self.shape, self.dtype, self.tensor = t._ctx, t.shape, t.dtype, weakref.ref(t)
+
+
+def _edge(t):
+    if t is None or not t.requires_grad:
+        return None
+    return t if t._ctx is None else _Edge(t)  # leaves: the tensor itself, to take .grad
 
 
 def _scalar_array(x, like):
@@ -239,20 +260,23 @@ class Tensor:
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for x, g in zip(fn.inputs, input_grads):
-                if x is None or g is None or not x.requires_grad:
+                if x is None or g is None:
                     continue
                 g = backend.sum_to(g, x.shape)
                 if g.dtype != x.dtype:
                     g = g.astype(x.dtype)
-                if x._ctx is None or x._retain:
+                if x._ctx is None:  # a leaf: keep the gradient
                     x._accumulate(g)
-                if x._ctx is not None:
-                    key = id(x._ctx)
-                    if key in pending:
-                        pending[key] = pending[key] + g
-                    else:
-                        pending[key] = g
-                        heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
+                    continue
+                t = x.tensor()
+                if t is not None and t._retain:
+                    t._accumulate(g)
+                key = id(x._ctx)
+                if key in pending:
+                    pending[key] = pending[key] + g
+                else:
+                    pending[key] = g
+                    heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
             if not retain_graph:
                 generation = fn.generation  # kept, so a later walk reaches the clear error below
                 fn.__dict__.clear()

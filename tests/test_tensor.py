@@ -384,3 +384,28 @@ def test_conversions():
     assert y.dtype == np.float64 and y.device == "cpu"
     assert x.to("cpu") is x  # nothing to do: no copy
     assert "requires_grad=True" in repr(leaf([1.0]))
+
+
+def test_graph_keeps_no_intermediate_array_that_no_backward_needs():
+    # Add saves nothing for its backward, so once the user drops h, h's array must be freed
+    # even though y's graph still routes gradients through h.
+    import weakref
+
+    x = Tensor(np.random.default_rng(0).standard_normal((64, 64)), requires_grad=True)
+    h = x + 1.0
+    ref = weakref.ref(h.data)
+    y = (h + 2.0).sum()
+    del h
+    assert ref() is None
+    y.backward()
+    assert np.array_equal(x.grad, np.ones((64, 64)))
+
+
+def test_retain_grad_on_an_intermediate_used_before_the_call():
+    x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    h = x * 3.0
+    y = (h * h).sum()
+    h.retain_grad()
+    y.backward()
+    assert np.allclose(h.grad, 2 * 3.0 * np.array([1.0, 2.0, 3.0]))
+    assert np.allclose(x.grad, 18.0 * np.array([1.0, 2.0, 3.0]))
