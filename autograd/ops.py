@@ -449,6 +449,17 @@ def matmul(a, b):
     return MatMul().apply(a, b)
 
 
+def _mm(a, b, trans_a, trans_b, dtype):
+    """op(a) @ op(b) for 2-D a, b, returned in `dtype`.
+
+    On the GPU it goes through kernels.gemm, which writes float32 straight from bfloat16 or
+    float16 operands (no low-precision result to cast back); elsewhere a plain product.
+    """
+    if kernels.enabled() and backend.is_cupy_array(a) and a.dtype != np.float64:
+        return kernels.gemm(a, b, trans_a, trans_b, out_dtype=dtype)[0]
+    return amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), dtype)
+
+
 class Linear(Function):
     def forward(self, x, w, b=None):
         # Under a low-precision mode the product runs in bfloat16/float16 (amp.low) and the
@@ -457,7 +468,7 @@ class Linear(Function):
         # (..., in) -> (rows, in) first: NumPy runs a stack of matrices times one matrix without
         # BLAS (20-60x slower on the CPU), while one 2-D product is a single GEMM.
         rows = self.x.reshape(-1, x.shape[-1])
-        y = amp.high(rows @ self.w.T, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        y = _mm(rows, self.w, False, True, x.dtype).reshape(*x.shape[:-1], w.shape[0])
         if b is not None:
             y += b
         return y
@@ -465,13 +476,12 @@ class Linear(Function):
     def backward(self, g):
         # y = x W^T + b  =>  dx = g W, dW = g^T x (rows of every batch together), db = sum g
         x, w = self.x, self.w
-        gl = amp.low(g)
-        gx = None
+        gl = amp.low(g).reshape(-1, g.shape[-1])
+        gx = gw = None
         if self.needs_grad[0]:
-            gx = amp.high(gl.reshape(-1, g.shape[-1]) @ w, g.dtype).reshape(*g.shape[:-1], w.shape[1])
-        gw = None
+            gx = _mm(gl, w, False, False, g.dtype).reshape(*g.shape[:-1], w.shape[1])
         if self.needs_grad[1]:
-            gw = amp.high(gl.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]), g.dtype)
+            gw = _mm(gl, x.reshape(-1, x.shape[-1]), True, False, g.dtype)
         gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if len(self.needs_grad) > 2 else None
         return gx, gw, gb
 

@@ -138,7 +138,12 @@ def torch_model(torch, fused_attention):
             logits = F.linear(self.norm(x), self.emb.weight)
             return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1))
 
-    return GPT()
+    model = GPT()
+    for name, p in model.named_parameters():  # GPT-2's init, as tinyllm's: N(0, 0.02), norms 1
+        if p.ndim == 2:
+            std = 0.02 / math.sqrt(2 * L) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            torch.nn.init.normal_(p, 0.0, std)
+    return model
 
 
 def run_torch(mode, batch, steps, warmup, fused_attention=True):

@@ -124,10 +124,12 @@ def test_gemm_against_matmul(ta, tb):
 
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("TINYLLM_FUSED", "0")
-    assert not kernels.use(backend.cupy_module().zeros(3))
+    cp = backend.cupy_module()
+    assert not kernels.use(cp.zeros(3, np.float32))
     monkeypatch.setenv("TINYLLM_FUSED", "1")
-    assert kernels.use(backend.cupy_module().zeros(3))
-    assert not kernels.use(np.zeros(3))
+    assert kernels.use(cp.zeros(3, np.float32))
+    assert not kernels.use(cp.zeros(3, np.float64))  # float64 stays on the reference path
+    assert not kernels.use(np.zeros(3, np.float32))
 
 
 def test_adamw_kernel_matches_the_numpy_step():
