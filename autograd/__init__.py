@@ -28,3 +28,4 @@ from autograd.ops import (
     where,
 )
 from autograd.tensor import Function, Tensor, arange, is_grad_enabled, no_grad, ones, randn, tensor, zeros
+from autograd import amp, nn, optim  # noqa: E402  (submodules, as autograd.nn etc.)

@@ -60,6 +60,11 @@ class autocast:
         set_precision(self.prev)
 
 
+def low_dtype():
+    """The matrix-product dtype of the current mode (bfloat16/float16), or None."""
+    return _low
+
+
 def low(a):
     """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
     if _low is not None and a.dtype == np.float32:

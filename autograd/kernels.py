@@ -195,25 +195,30 @@ extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* 
 
 _ATTN_BWD = r"""
 // P = exp(s * scale - lse) (0 where masked) and dS = P * (dP - D) * scale, D = rowsum(dO * O).
+// Rows along grid.y, columns along grid.x (no per-element integer division).
 extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const float* __restrict__ dP,
         const float* __restrict__ lse, const float* __restrict__ Drow, OUT_T* __restrict__ P,
-        OUT_T* __restrict__ dS, long long total, int n, int L, int T, int q0, int off, int causal,
+        OUT_T* __restrict__ dS, long long rows, int n, int L, int T, int q0, int off, int causal,
         float scale) {
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        long long r = idx / L;
-        int j = idx % L, head = r / n, i = r % n;
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        int head = r / n, i = r % n;
         long long row = (long long)head * T + q0 + i;
-        float p = (!causal || j <= q0 + i + off) ? expf(S[idx] * scale - lse[row]) : 0.f;
-        put(P + idx, p);
-        put(dS + idx, p * (dP[idx] - Drow[row]) * scale);
+        float l = lse[row], d = Drow[row];
+        int limit = causal ? min(L, q0 + i + off + 1) : L;
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < L; j += gridDim.x * blockDim.x) {
+            long long idx = r * L + j;
+            float p = j < limit ? expf(S[idx] * scale - l) : 0.f;
+            put(P + idx, p);
+            put(dS + idx, p * (dP[idx] - d) * scale);
+        }
     }
 }
 """
 
 
-def _grid(total, threads=256):
-    return (int(min((total + threads - 1) // threads, 65535 * 8)),)
+def _grid2(rows, cols, threads=256):
+    """A grid for row-wise elementwise kernels: columns along x, rows (grid-strided) along y."""
+    return (int(min((cols + threads - 1) // threads, 64)), int(min(rows, 65535)))
 
 
 def _attention_blocks(BH, T, S, causal):
@@ -274,8 +279,7 @@ def attention_backward(q, k, v, y, lse, g, causal, scale):
         dp = gemm(gb, vf[:, :L], trans_b=True)
         p = cp.empty((BH, n, L), q.dtype)
         ds = cp.empty((BH, n, L), q.dtype)
-        total = BH * n * L
-        bwd(_grid(total), (256,), (s, dp, lse, drow, p, ds, np.int64(total), np.int32(n),
+        bwd(_grid2(BH * n, L), (256,), (s, dp, lse, drow, p, ds, np.int64(BH * n), np.int32(n),
                                    np.int32(L), np.int32(T), np.int32(q0), np.int32(S - T),
                                    np.int32(causal), np.float32(scale)))
         del s, dp
@@ -316,13 +320,14 @@ _CE_BWD = r"""
 // dz_j = (exp(z_j - lse) - [j == t]) * w, w = the row's weight (0 for ignored rows).
 extern "C" __global__ void ce_bwd(const IN_T* __restrict__ Z, const long long* __restrict__ t,
         const float* __restrict__ lse, const float* __restrict__ w, IN_T* __restrict__ dZ,
-        long long total, int V) {
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        long long r = idx / V;
-        int j = idx % V;
-        float p = expf(to_f(Z[idx]) - lse[r]);
-        put(dZ + idx, (p - (t[r] == j ? 1.f : 0.f)) * w[r]);
+        long long rows, int V) {
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        float l = lse[r], wr = w[r];
+        long long tr = t[r];
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < V; j += gridDim.x * blockDim.x) {
+            long long idx = r * V + j;
+            put(dZ + idx, (expf(to_f(Z[idx]) - l) - (tr == j ? 1.f : 0.f)) * wr);
+        }
     }
 }
 """
@@ -345,11 +350,10 @@ def cross_entropy_backward(z, t, lse, w):
     z = cp.ascontiguousarray(z)
     N, V = z.shape
     dz = cp.empty_like(z)
-    total = N * V
     _kernel("ce_bwd", _CE_BWD, IN_T=z.dtype)(
-        _grid(total), (256,),
+        _grid2(N, V), (256,),
         (z, cp.ascontiguousarray(t.astype(np.int64, copy=False)), lse,
-         cp.ascontiguousarray(w.astype(np.float32, copy=False)), dz, np.int64(total), np.int32(V)))
+         cp.ascontiguousarray(w.astype(np.float32, copy=False)), dz, np.int64(N), np.int32(V)))
     return dz
 
 
@@ -490,6 +494,40 @@ def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2
         "p = p - lr * (m / c1) / (sqrtf(v / c2) + eps)")
     k(g, np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
       np.float32(weight_decay), np.float32(bias_c1), np.float32(bias_c2), p, m, v)
+
+
+def rope_rotate(x, cos, sin, sign, interleaved):
+    """Rotate the pairs of the last axis of x (..., T, D) by sign * angle, in one pass.
+
+    cos, sin: (T, D/2) tables. The pair of element j is (j, j + D/2) in the rotate-half
+    convention, (2i, 2i + 1) interleaved; y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
+    """
+    cp = _cp()
+    x = cp.ascontiguousarray(x)
+    cos = cp.ascontiguousarray(cos, dtype=x.dtype)
+    sin = cp.ascontiguousarray(sin, dtype=x.dtype) * sign
+    T, D = x.shape[-2], x.shape[-1]
+    k = _elementwise(
+        "rope_rotate", "raw T x, raw T c, raw T s, int32 T_, int32 D, int32 inter", "T y",
+        "int j = i % D; long long row = i / D; int t = row % T_; int h = D / 2;"
+        "int pair, first, partner;"
+        "if (inter) { pair = j / 2; first = (j % 2 == 0); partner = first ? i + 1 : i - 1; }"
+        "else { pair = j % h; first = j < h; partner = first ? i + h : i - h; }"
+        "T cj = c[t * h + pair], sj = s[t * h + pair];"
+        "y = first ? x[i] * cj - x[partner] * sj : x[i] * cj + x[partner] * sj")
+    return k(x, cos, sin, np.int32(T), np.int32(D), np.int32(bool(interleaved)), size=x.size).reshape(x.shape)
+
+
+def sum_of_squares(arrays):
+    """sum over all arrays of sum(a * a), as a 0-d float32 GPU array (one kernel per array)."""
+    if "sumsq" not in _cache:
+        _cache["sumsq"] = _cp().ReductionKernel("T x", "float32 y", "(float)x * (float)x", "a + b",
+                                                "y = a", "0", "sumsq")
+    total = None
+    for a in arrays:
+        sq = _cache["sumsq"](a)
+        total = sq if total is None else total + sq
+    return total
 
 
 def _elementwise(name, params_in, params_out, body):

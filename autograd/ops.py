@@ -461,10 +461,14 @@ def _mm(a, b, trans_a, trans_b, dtype):
 
 
 class Linear(Function):
+    def __init__(self, x_low=None):
+        self.x_low = x_low  # a low-precision copy of x made by the caller, if any
+
     def forward(self, x, w, b=None):
         # Under a low-precision mode the product runs in bfloat16/float16 (amp.low) and the
         # result comes back in x's dtype; the low-precision copies are what backward keeps.
-        self.x, self.w = amp.low(x), amp.low(w)
+        self.x = self.x_low if self.x_low is not None else amp.low(x)
+        self.w = amp.low(w)
         # (..., in) -> (rows, in) first: NumPy runs a stack of matrices times one matrix without
         # BLAS (20-60x slower on the CPU), while one 2-D product is a single GEMM.
         rows = self.x.reshape(-1, x.shape[-1])
@@ -492,7 +496,20 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
-    return Linear().apply(x, weight) if bias is None else Linear().apply(x, weight, bias)
+    fn = Linear(_shared_low_copy(x))
+    return fn.apply(x, weight) if bias is None else fn.apply(x, weight, bias)
+
+
+def _shared_low_copy(t):
+    """The low-precision copy of an activation, made once and shared by every product that
+    reads it (the q, k and v projections read the same x): one cast, one saved copy."""
+    low = amp.low_dtype()
+    if low is None or t.dtype != np.float32 or t._ctx is None:
+        return None  # no low precision on, or a leaf (weights change in place: cast each use)
+    cached = getattr(t, "_low_copy", None)
+    if cached is None or cached.dtype != low:
+        cached = t._low_copy = amp.low(t.data)
+    return cached
 
 
 # ---- reductions ---------------------------------------------------------------------------

@@ -258,6 +258,9 @@ class AdamW(Optimizer):
 
 def grad_norm(params):
     """The global L2 norm of all gradients, as a Python float (one device sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and kernels.use(*grads):  # on the GPU: one reduction kernel per array, one sync
+        return math.sqrt(float(kernels.sum_of_squares(grads)))
     total = None
     for p in params:
         g = p.grad

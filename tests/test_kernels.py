@@ -137,9 +137,10 @@ def test_adamw_kernel_matches_the_numpy_step():
 
     rng = np.random.default_rng(5)
     shapes = [(7, 5), (5,)]
-    params = {dev: [autograd.nn.Parameter(rng.standard_normal(s).astype(np.float32), device=dev)
-                    for s in shapes] for dev in ("cpu", "cuda")}
-    params["cuda"] = [autograd.nn.Parameter(p.numpy(), device="cuda") for p in params["cpu"]]
+    from autograd.nn import Parameter
+
+    params = {"cpu": [Parameter(rng.standard_normal(s).astype(np.float32)) for s in shapes]}
+    params["cuda"] = [Parameter(p.numpy(), device="cuda") for p in params["cpu"]]
     opts = {dev: optim.AdamW(params[dev], lr=1e-2, weight_decay=0.1) for dev in params}
     for step in range(3):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -149,3 +150,26 @@ def test_adamw_kernel_matches_the_numpy_step():
             opts[dev].step()
     for pc, pg in zip(params["cpu"], params["cuda"]):
         assert np.allclose(pc.numpy(), pg.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_rope_kernel(style):
+    from tinyllm.rope import rope, rope_tables
+
+    rng = np.random.default_rng(6)
+    cos, sin = (a.astype(np.float32) for a in rope_tables(11, 8))
+    x = rand(rng, 2, 3, 11, 8)
+    compare(lambda t: rope(t, backend.to_device(cos, t.device), backend.to_device(sin, t.device), style), [x])
+
+
+def test_grad_norm_kernel():
+    from autograd import optim
+    from autograd.nn import Parameter
+
+    rng = np.random.default_rng(7)
+    ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in [(30, 7), (5,), (1000,)]]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = backend.to_device(g, "cuda")
+    want = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    assert abs(optim.grad_norm(ps) - want) < 1e-5 * want

@@ -22,7 +22,7 @@ The cos/sin tables, (context_length, D/2), are computed once and kept as buffers
 
 import numpy as np
 
-from autograd import backend
+from autograd import backend, kernels
 from autograd.nn import Module
 from autograd.tensor import Function, Tensor
 
@@ -40,6 +40,8 @@ class Rotate(Function):
 
     def _rotate(self, x, sign):
         # rotation by sign * angle; writes a fresh C-contiguous array
+        if kernels.use(x, self.cos, self.sin):  # on the GPU: the same in one pass
+            return kernels.rope_rotate(x, self.cos, self.sin, sign, self.style == "interleaved")
         a, b = _PAIRS[self.style](x.shape[-1])
         x1, x2 = x[..., a], x[..., b]
         c, s = self.cos, (self.sin if sign > 0 else -self.sin)
