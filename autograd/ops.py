@@ -873,6 +873,48 @@ def log_softmax(x, axis=-1):
     return LogSoftmax(_axes(axis, x.ndim)[0]).apply(x)
 
 
+def _ce_rows(z, t):
+    """Per-row loss lse(z_i) - z_i[t_i] and log-sum-exp lse(z_i) of logits z (N, V), targets t (N,)."""
+    if kernels.use(z):  # the same, in one pass over the logits
+        return kernels.cross_entropy_forward(z, t, -1)
+    xp = xp_of(z)
+    m = z.max(axis=1, keepdims=True)
+    shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
+    rows = xp.arange(z.shape[0])
+    # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
+    # lse - z[t] would lose the small loss to rounding at the logits' magnitude
+    return shifted_lse - (z[rows, t] - m[:, 0]), m[:, 0] + shifted_lse
+
+
+def _ce_grad(z, t, lse, scale):
+    """dz_i = (softmax(z_i) - onehot(t_i)) * scale_i, from the saved log-sum-exps."""
+    if kernels.use(z):  # the same, in one pass
+        return kernels.cross_entropy_backward(z, t, lse, scale)
+    xp = xp_of(z)
+    p = xp.exp(z - lse[:, None])
+    p[xp.arange(p.shape[0]), t] -= 1
+    return p * scale[:, None]
+
+
+def _ce_row_weights(g, keep, count, reduction):
+    """Each row's dL/dloss_i: the upstream g (per row for "none", /count for "mean"), 0 if ignored."""
+    if reduction == "none":
+        return g.reshape(-1) * keep
+    if reduction == "sum":
+        return g * keep
+    return (g / count) * keep
+
+
+def _ce_reduce(fn, losses, keep, shape, reduction):
+    """The per-row losses reduced as asked; "mean" keeps the count of kept rows on fn."""
+    if reduction == "none":
+        return losses.reshape(shape)
+    if reduction == "sum":
+        return losses.sum()
+    fn.count = keep.sum().astype(losses.dtype)  # an int64 count would make a float32 loss float64
+    return losses.sum() / fn.count  # nan when every target is ignored, as in PyTorch
+
+
 class CrossEntropy(Function):
     def __init__(self, targets, ignore_index, reduction):
         self.targets, self.ignore_index, self.reduction = targets, ignore_index, reduction
@@ -884,38 +926,34 @@ class CrossEntropy(Function):
         t = self.targets.reshape(-1)
         keep = t != self.ignore_index
         t_safe = xp.where(keep, t, 0)
-        if kernels.use(z):  # the same, in one pass over the logits
-            losses, lse = kernels.cross_entropy_forward(z, t_safe, -1)
-            losses = (losses * keep).astype(z.dtype, copy=False)
-        else:
-            m = z.max(axis=1, keepdims=True)
-            shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
-            rows = xp.arange(z.shape[0])
-            # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
-            # lse - z[t] would lose the small loss to rounding at the logits' magnitude
-            losses = (shifted_lse - (z[rows, t_safe] - m[:, 0])) * keep
-            lse = m[:, 0] + shifted_lse
+        losses, lse = _ce_rows(z, t_safe)
+        losses = (losses * keep).astype(z.dtype, copy=False)
         self.z, self.lse, self.t, self.keep, self.shape = z, lse, t_safe, keep, logits.shape
-        if self.reduction == "none":
-            return losses.reshape(logits.shape[:-1])
-        if self.reduction == "sum":
-            return losses.sum()
-        self.count = keep.sum()
-        return losses.sum() / self.count  # nan when every target is ignored, as in PyTorch
+        return _ce_reduce(self, losses, keep, logits.shape[:-1], self.reduction)
 
     def backward(self, g):  # dz_i = (softmax(z_i) - onehot(t_i)) * g, zero for ignored rows
-        xp = xp_of(g)
-        if self.reduction == "none":
-            scale = g.reshape(-1) * self.keep
-        elif self.reduction == "sum":
-            scale = g * self.keep
-        else:
-            scale = (g / self.count) * self.keep
-        if kernels.use(g, self.z):  # the same, in one pass
-            return kernels.cross_entropy_backward(self.z, self.t, self.lse, scale).reshape(self.shape)
-        p = xp.exp(self.z - self.lse[:, None])
-        p[xp.arange(p.shape[0]), self.t] -= 1
-        return (p * scale[:, None]).reshape(self.shape)
+        scale = _ce_row_weights(g, self.keep, getattr(self, "count", None), self.reduction)
+        return _ce_grad(self.z, self.t, self.lse, scale).reshape(self.shape)
+
+
+def _class_targets(op, targets, like, what, V, ignore_index, reduction):
+    """`targets` as an integer array on the device of `like` (logits, or the input of the
+    head), checked: dtype, shape like.shape[:-1], device, every kept target in 0..V-1."""
+    t = targets.data if isinstance(targets, Tensor) else targets
+    t = t if backend.is_cupy_array(t) else like.xp.asarray(t)  # GPU targets: checked below
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be mean, sum or none, not {reduction!r}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{op}: targets must be integers, not {t.dtype}")
+    if t.shape != like.shape[:-1]:
+        raise ValueError(f"{op}: targets of shape {t.shape} for {what} of shape {like.shape}")
+    if backend.device_of(t) != like.device:
+        raise RuntimeError(f"{op}: targets on {backend.device_of(t)}, {what} on {like.device}")
+    valid = t[t != ignore_index]
+    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= V):
+        bad = int(valid.max()) if int(valid.max()) >= V else int(valid.min())
+        raise IndexError(f"{op}: target {bad} is out of range for {V} classes")
+    return t
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
@@ -924,22 +962,95 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     Fused: the log-softmax and the pick of the target logit happen in one Function, so no
     one-hot array is made. Rows whose target equals `ignore_index` count for nothing.
     """
-    t = targets.data if isinstance(targets, Tensor) else targets
-    t = t if backend.is_cupy_array(t) else logits.xp.asarray(t)  # GPU targets: checked below
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"cross_entropy: reduction must be mean, sum or none, not {reduction!r}")
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, not {t.dtype}")
-    if t.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets of shape {t.shape} for logits of shape {logits.shape}")
-    if backend.device_of(t) != logits.device:
-        raise RuntimeError(f"cross_entropy: targets on {backend.device_of(t)}, logits on {logits.device}")
-    valid = t[t != ignore_index]
-    V = logits.shape[-1]
-    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= V):
-        bad = int(valid.max()) if int(valid.max()) >= V else int(valid.min())
-        raise IndexError(f"cross_entropy: target {bad} is out of range for {V} classes")
+    t = _class_targets("cross_entropy", targets, logits, "logits", logits.shape[-1], ignore_index, reduction)
     return CrossEntropy(t, ignore_index, reduction).apply(logits)
+
+
+def _mm_into(out, a, b, trans_a, trans_b, accumulate=False):
+    """out = op(a) @ op(b), or out += with accumulate, for 2-D a, b (the `_mm` of a buffer)."""
+    if kernels.enabled() and backend.is_cupy_array(a) and a.dtype != np.float64:
+        kernels.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate)
+        return
+    product = amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), out.dtype)
+    if accumulate:
+        out += product
+    else:
+        out[...] = product
+
+
+class LinearCrossEntropy(Function):
+    """cross_entropy(linear(x, W), t) without ever holding the (rows, V) logits or their gradient.
+
+    Forward, a chunk of rows at a time: z_c = x_c W^T, then loss_i = lse(z_i) - z_i[t_i].
+    Only the per-row lse (N numbers) is kept. Backward recomputes each chunk's logits (one
+    more product than linear + cross_entropy) and, with r_i the row's weight dL/dloss_i
+    (g, g/count for "mean", 0 for ignored rows):
+        dz_c = (softmax(z_c) - onehot(t_c)) * r_c          (as in CrossEntropy)
+        dx_c = dz_c W                                      (z = x W^T, as in Linear)
+        dW  += dz_c^T x_c                                  (summed over the chunks)
+    so the largest array alive is one chunk of logits, (chunk_rows, V).
+    """
+
+    def __init__(self, targets, ignore_index, reduction, chunk_rows):
+        self.targets, self.ignore_index = targets, ignore_index
+        self.reduction, self.chunk_rows = reduction, chunk_rows
+
+    def _chunks(self, n):
+        for a in range(0, n, self.chunk_rows):
+            yield slice(a, min(a + self.chunk_rows, n))
+
+    def forward(self, x, w):
+        xp = xp_of(x)
+        self.shape, self.dtype = x.shape, x.dtype
+        # the product operands in bfloat16/float16 under a low-precision mode, as in Linear
+        self.x, self.w = amp.low(x).reshape(-1, x.shape[-1]), amp.low(w)
+        t = self.targets.reshape(-1)
+        self.keep = keep = t != self.ignore_index
+        self.t = xp.where(keep, t, 0)
+        n = self.x.shape[0]
+        losses, self.lse = xp.empty(n, x.dtype), xp.empty(n, x.dtype)
+        for c in self._chunks(n):
+            z = _mm(self.x[c], self.w, False, True, x.dtype)  # this chunk's logits x_c W^T
+            losses[c], self.lse[c] = _ce_rows(z, self.t[c])
+        losses *= keep
+        return _ce_reduce(self, losses, keep, x.shape[:-1], self.reduction)
+
+    def backward(self, g):
+        xp = xp_of(g)
+        x, w = self.x, self.w
+        r = _ce_row_weights(g, self.keep, getattr(self, "count", None), self.reduction)
+        r = r.astype(self.dtype, copy=False)  # (N,): each row's weight, in the working dtype
+        gx = xp.empty(x.shape, self.dtype) if self.needs_grad[0] else None
+        gw = xp.zeros(w.shape, self.dtype) if self.needs_grad[1] else None
+        for c in self._chunks(x.shape[0]):
+            z = _mm(x[c], w, False, True, self.dtype)  # recomputed, not saved
+            dz = amp.low(_ce_grad(z, self.t[c], self.lse[c], r[c]))
+            del z
+            if gx is not None:
+                _mm_into(gx[c], dz, w, False, False)
+            if gw is not None:
+                _mm_into(gw, dz, x[c], True, False, accumulate=True)
+        return (None if gx is None else gx.reshape(self.shape)), gw
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean", chunk_rows=None):
+    """cross_entropy(linear(x, weight), targets, ...) without the full logits: for an LM head.
+
+    x: (..., d); weight: (V, d) (no bias); targets: integers of shape x.shape[:-1]. The logits
+    are made `chunk_rows` rows at a time, forward and again in backward, so memory holds one
+    (chunk_rows, V) block instead of all rows x V logits and their gradient. Default: as
+    many rows as fit 2^26 logits (256 MB in float32), at least one.
+    """
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: input of shape {x.shape} does not fit weight "
+                         f"of shape {weight.shape}")
+    V = weight.shape[0]
+    if chunk_rows is None:
+        chunk_rows = builtins.max(1, (1 << 26) // builtins.max(V, 1))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive integer, not {chunk_rows!r}")
+    t = _class_targets("linear_cross_entropy", targets, x, "input", V, ignore_index, reduction)
+    return LinearCrossEntropy(t, ignore_index, reduction, int(chunk_rows)).apply(x, weight)
 
 
 class LayerNorm(Function):
@@ -1146,6 +1257,6 @@ DIFFERENTIABLE_OPS = (
     "tanh", "sigmoid", "relu", "silu", "swiglu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
     "linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
     "squeeze", "unsqueeze", "concat", "stack", "split", "getitem", "embedding", "softmax",
-    "log_softmax", "cross_entropy", "layer_norm", "rms_norm", "dropout",
+    "log_softmax", "cross_entropy", "linear_cross_entropy", "layer_norm", "rms_norm", "dropout",
     "scaled_dot_product_attention",
 )

@@ -84,6 +84,33 @@ def test_cross_entropy_large_logits_keep_small_losses():
     assert abs(loss - ref) < 1e-6
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy(reduction):
+    rng = np.random.default_rng(11)
+    x, w = rand(rng, 3, 100, 64), rand(rng, 5000, 64, scale=0.2)  # 300 rows: chunks of 128, 128, 44
+    t = rng.integers(0, 5000, (3, 100))
+    t[:, ::7] = -100
+    compare(lambda x, w: ops.linear_cross_entropy(x, w, backend.to_device(t, x.device), reduction=reduction,
+                                                  chunk_rows=128), [x, w])
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16"])
+def test_linear_cross_entropy_low_precision_matches_linear_then_cross_entropy(mode):
+    rng = np.random.default_rng(12)
+    x, w = rand(rng, 300, 64), rand(rng, 5000, 64, scale=0.2)
+    t = backend.to_device(rng.integers(0, 5000, 300), "cuda")
+    results = []
+    for op in (lambda x, w: ops.linear_cross_entropy(x, w, t, chunk_rows=128),
+               lambda x, w: ops.cross_entropy(ops.linear(x, w), t)):
+        xt, wt = Tensor(x, requires_grad=True, device="cuda"), Tensor(w, requires_grad=True, device="cuda")
+        with amp.autocast(mode):
+            loss = op(xt, wt)
+            loss.backward()
+        results.append([loss.numpy(), xt.grad.get(), wt.grad.get()])
+    for got, want in zip(*results):
+        assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("d", [8, 768, 2500])
 def test_norms(d):
     rng = np.random.default_rng(d)

@@ -529,6 +529,101 @@ def test_cross_entropy_mean_of_all_ignored_is_nan():
         assert np.isnan(ops.cross_entropy(z, np.array([-100, -100])).item())
 
 
+
+@grad_test("linear_cross_entropy")
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_linear_cross_entropy(device, data):
+    batch = data.draw(shapes(1, 2))
+    d, V = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    x = data.draw(float_arrays(batch + (d,)))
+    w = data.draw(float_arrays((V, d)))
+    ignore_index = data.draw(st.sampled_from([-100, 0, -1]))
+    targets = data.draw(hnp.arrays(np.int64, batch, elements=st.integers(0, V - 1)))
+    targets = np.where(data.draw(hnp.arrays(bool, batch)), ignore_index, targets)
+    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]))
+    if reduction == "mean":
+        assume((targets != ignore_index).any())
+    chunk_rows = data.draw(st.integers(1, targets.size))  # often several chunks
+    t = on(device, targets)
+    check(lambda x, w: ops.linear_cross_entropy(x, w, t, ignore_index, reduction, chunk_rows), [x, w],
+          device, lambda x, w: _np_cross_entropy(x @ w.T, targets, ignore_index, reduction))
+
+
+def _loss_and_grads(f, x, w, upstream, device):
+    xt, wt = leaf(x, device), leaf(w, device)
+    y = f(xt, wt)
+    y.backward(on(device, upstream))
+    return y.numpy(), xt.grad, wt.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 10, 100, None])
+def test_linear_cross_entropy_equals_cross_entropy_of_linear(device, reduction, chunk_rows):
+    # 2 x 5 = 10 rows, 3 of them ignored, in chunks of 1, 4 (4+4+2), 10 and more than all rows
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 5, 6)) * 2, rng.standard_normal((7, 6))
+    targets = rng.integers(0, 7, (2, 5))
+    targets[0, 1] = targets[1, 0] = targets[1, 4] = -100
+    upstream = rng.standard_normal(targets.shape) if reduction == "none" else np.array(rng.standard_normal())
+    t = on(device, targets)
+    fused = _loss_and_grads(lambda x, w: ops.linear_cross_entropy(x, w, t, reduction=reduction,
+                                                                  chunk_rows=chunk_rows), x, w, upstream, device)
+    plain = _loss_and_grads(lambda x, w: ops.cross_entropy(ops.linear(x, w), t, reduction=reduction),
+                            x, w, upstream, device)
+    for got, want in zip(fused, plain):
+        got, want = autograd.backend.to_device(got, "cpu"), autograd.backend.to_device(want, "cpu")
+        assert got.shape == want.shape and got.dtype == want.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert np.abs(fused[1][0, 1]).max() == 0  # an ignored row gets no gradient
+
+
+def test_linear_cross_entropy_float32_keeps_its_dtype_and_default_chunks():
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True)
+    w = Tensor(rng.standard_normal((5, 4)).astype(np.float32), requires_grad=True)
+    loss = ops.linear_cross_entropy(x, w, Tensor(np.array([1, -100, 4])))  # targets as a Tensor
+    loss.backward()
+    assert loss.dtype == np.float32 and x.grad.dtype == w.grad.dtype == np.float32
+    want = _np_cross_entropy(x.numpy().astype(np.float64) @ w.numpy().T, np.array([1, -100, 4]), -100, "mean")
+    np.testing.assert_allclose(loss.item(), want, rtol=1e-6)
+
+
+def test_linear_cross_entropy_mean_of_all_ignored_is_nan():
+    x, w = leaf(np.ones((2, 3)), "cpu"), leaf(np.ones((4, 3)), "cpu")
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(ops.linear_cross_entropy(x, w, np.array([-100, -100])).item())
+
+
+class _FakeCudaArray(np.ndarray):
+    """A NumPy array that reports itself as a CuPy array, to test device checks without a GPU."""
+
+    __module__ = "cupy._fake"
+    device = type("Device", (), {"id": 0})()
+
+
+def test_linear_cross_entropy_rejects_bad_input():
+    x, w = leaf(np.ones((2, 3)), "cpu"), leaf(np.ones((4, 3)), "cpu")
+    t = np.array([0, 3])
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: input of shape \(2, 3\) does not fit weight of shape \(4, 2\)"):
+        ops.linear_cross_entropy(x, leaf(np.ones((4, 2)), "cpu"), t)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: targets of shape \(3,\) for input of shape \(2, 3\)"):
+        ops.linear_cross_entropy(x, w, np.array([0, 1, 2]))
+    with pytest.raises(TypeError, match="linear_cross_entropy: targets must be integers, not float64"):
+        ops.linear_cross_entropy(x, w, np.array([0.0, 1.0]))
+    with pytest.raises(IndexError, match="linear_cross_entropy: target 4 is out of range for 4 classes"):
+        ops.linear_cross_entropy(x, w, np.array([0, 4]))
+    with pytest.raises(IndexError, match="target -2 is out of range"):
+        ops.linear_cross_entropy(x, w, np.array([-2, 0]))
+    with pytest.raises(ValueError, match="reduction must be mean, sum or none, not 'avg'"):
+        ops.linear_cross_entropy(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer, not 0"):
+        ops.linear_cross_entropy(x, w, t, chunk_rows=0)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: targets on cuda, input on cpu"):
+        ops.linear_cross_entropy(x, w, t.view(_FakeCudaArray))
+    ops.linear_cross_entropy(x, w, np.array([-100, 3]))  # ignore_index is not out of range
+
 def _np_layer_norm(x, w, b, eps):
     y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
     return y * (1 if w is None else w) + (0 if b is None else b)
