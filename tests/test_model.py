@@ -314,3 +314,23 @@ def test_kv_cache_with_grad_keeps_new_positions_differentiable():
                  "blocks.1.norm2.weight", "blocks.1.attn.wq.weight"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-12)
     assert not np.allclose(got["blocks.1.attn.wk.weight"], want["blocks.1.attn.wk.weight"])
+
+
+@pytest.mark.parametrize("flavour,tied", [("llama", False), ("gpt2", True)])
+def test_loss_without_logits_equals_loss_from_logits(flavour, tied):
+    model = model_for(tiny(flavour, tie_embeddings=tied, n_kv_heads=2))
+    rng = np.random.default_rng(9)
+    idx, targets = rng.integers(0, 23, (3, 10)), rng.integers(0, 23, (3, 10))
+    targets[1, :4] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        loss.backward()
+        assert (logits is None) == (not return_logits)
+        results.append((loss.item(), {n: p.grad.copy() for n, p in model.named_parameters()}))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-10)
+    assert set(got) == set(want) and ("lm_head.weight" in got) != tied
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)

@@ -157,7 +157,8 @@ class Block(Module):
 
 
 class GPT(Module):
-    """The language model. `logits, loss = model(idx, targets=None, cache=None)`."""
+    """The language model. `logits, loss = model(idx, targets=None, cache=None)`; for training
+    without the logits, `_, loss = model(idx, targets, return_logits=False)`."""
 
     def __init__(self, config):
         if not isinstance(config, ModelConfig):
@@ -223,13 +224,16 @@ class GPT(Module):
         device = self.tok_emb.weight.device
         return backend.to_device(data, device) if backend.device_of(data) != device else data
 
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, return_logits=True):
         """Logits (B, T, vocab) and the mean cross-entropy against `targets` (or None).
 
         idx: integer token ids (B, T), T <= context_length (with a cache: cache.length + T).
         targets: (B, T) next-token ids; entries equal to -100 are ignored.
         cache: a KVCache from `new_cache`: idx are the positions after those cached.
         last_only: compute the logits of the last position only, (B, 1, vocab) (sampling).
+        return_logits: with targets, False returns (None, loss) and computes the loss with
+            ops.linear_cross_entropy, which never holds the (B*T, vocab) logits or their
+            gradient (for training); the same loss and gradients, one more product in backward.
         """
         cfg = self.config
         idx = self._check_idx(idx)
@@ -260,13 +264,15 @@ class GPT(Module):
             x = x[:, -1:]
         x = self.norm_f(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = ops.linear(x, head)
-        loss = None
+        t = None
         if targets is not None:
             t = self._check_idx(targets, "targets")
             if t.shape != (B, T) or last_only:
                 raise ValueError(f"GPT: targets of shape {t.shape} for idx of shape {(B, T)}")
-            loss = ops.cross_entropy(logits, t, ignore_index=-100)
+            if not return_logits:
+                return None, ops.linear_cross_entropy(x, head, t, ignore_index=-100)
+        logits = ops.linear(x, head)
+        loss = None if t is None else ops.cross_entropy(logits, t, ignore_index=-100)
         return logits, loss
 
     # ---- accounting ----------------------------------------------------------------------------
