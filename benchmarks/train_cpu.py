@@ -7,7 +7,8 @@ match tinyllm's (same layers, shapes and tied embeddings; its own random weights
 
     python benchmarks/train_cpu.py                 # both sizes
     python benchmarks/train_cpu.py --steps 5 --only laptop
-    python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step, top ops
+    python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step
+    python benchmarks/train_cpu.py --threads 1     # NumPy's BLAS and torch on 1 thread each, top ops
 """
 
 import argparse
@@ -185,9 +186,16 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=list(CASES))
     ap.add_argument("--profile", action="store_true", help="cProfile tinyllm's step")
+    ap.add_argument("--threads", type=int, help="threads for both (NumPy's BLAS and torch)")
     args = ap.parse_args()
+    if args.threads:
+        from tinyllm.train import set_blas_threads
+
+        set_blas_threads(args.threads)
     try:
         import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
         threads = torch.get_num_threads()
     except ImportError:
         torch, threads = None, None
