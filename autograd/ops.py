@@ -1172,6 +1172,16 @@ def _causal_mask(T, S, xp):
     return _causal_masks[key]
 
 
+def _causal_bias(T, S, xp, dtype):
+    """The causal mask as an additive (T, S) array: 0 where visible, -inf where masked.
+    Adding it is one streaming pass, several times faster on the CPU than a boolean-index
+    assignment."""
+    key = (T, S, xp.__name__, np.dtype(dtype).str)
+    if key not in _causal_masks:
+        _causal_masks[key] = xp.where(_causal_mask(T, S, xp), -np.inf, 0).astype(dtype)
+    return _causal_masks[key]
+
+
 class Attention(Function):
     def __init__(self, causal, scale, dropout_p):
         self.causal, self.scale, self.dropout_p = causal, scale, dropout_p
@@ -1198,7 +1208,8 @@ class Attention(Function):
         s = amp.high(qf @ xp.swapaxes(k, -1, -2), q.dtype)  # (B, Hkv, G*T, S)
         s *= self.scale
         if self.causal:
-            s.reshape(B, Hkv, G, T, S)[..., _causal_mask(T, S, xp)] = -np.inf
+            s5 = s.reshape(B, Hkv, G, T, S)  # a view: the (T, S) mask broadcasts over it
+            s5 += _causal_bias(T, S, xp, s.dtype)
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
         p /= p.sum(axis=-1, keepdims=True)
@@ -1225,14 +1236,18 @@ class Attention(Function):
         B, Hkv, GT, D = qf.shape
         g = amp.low(g.reshape(B, Hkv, GT, D))
         gv = amp.high(xp.swapaxes(pd, -1, -2) @ g, dtype)
-        dp = amp.high(g @ xp.swapaxes(v, -1, -2), dtype)
+        ds = amp.high(g @ xp.swapaxes(v, -1, -2), dtype)  # dP: a fresh array, updated in place
         if self.dropout_p > 0:
-            dp *= self.mask
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-        ds *= self.scale
+            ds *= self.mask
+        rows = (ds * p).sum(axis=-1, keepdims=True)
+        ds -= rows
+        ds *= p
         ds = amp.low(ds)
+        # the scale goes on the (.., T, D) products, not on the larger (.., T, S) dS
         gq = amp.high((ds @ k).reshape(self.q_shape), dtype)
+        gq *= self.scale
         gk = amp.high(xp.swapaxes(ds, -1, -2) @ qf, dtype)
+        gk *= self.scale
         return gq, gk, gv
 
 
