@@ -223,7 +223,9 @@ def _grid2(rows, cols, threads=256):
 
 def _attention_blocks(BH, T, S, causal):
     """Query blocks (q0, n, L): n queries from q0, seeing the first L keys."""
-    n = max(16, min(T, (1 << 26) // max(1, BH * S)) // 16 * 16)
+    # At most ~256 MB of scores per block; causal blocks of 128 queries keep the skipped
+    # upper triangle fine-grained (each block computes only its keys up to its last query).
+    n = max(16, min(T, 128 if causal else T, (1 << 26) // max(1, BH * S)) // 16 * 16)
     off = S - T
     for q0 in range(0, T, n):
         m = min(n, T - q0)
@@ -483,51 +485,147 @@ def swiglu_backward(g, a, b):
     return k(g, a, b)
 
 
-def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2):
-    """One AdamW update of p in place: decay, moments, bias-corrected step, all in one pass."""
-    k = _elementwise(
-        "adamw", "T g, float32 lr, float32 b1, float32 b2, float32 eps, float32 wd, "
-        "float32 c1, float32 c2", "T p, T m, T v",
-        "p = p * (1.f - lr * wd);"
-        "m = b1 * m + (1.f - b1) * g;"
-        "v = b2 * v + (1.f - b2) * g * g;"
-        "p = p - lr * (m / c1) / (sqrtf(v / c2) + eps)")
-    k(g, np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
-      np.float32(weight_decay), np.float32(bias_c1), np.float32(bias_c2), p, m, v)
+# ---- multi-tensor kernels: one launch over every parameter --------------------------------------
+
+_CHUNK = 1 << 16  # elements per thread block
+
+_MULTI = r"""
+// The arrays are cut into chunks of CHUNK elements; block b works on chunk b, which is
+// array arr[b] from element start[b]. ptrs holds each array's address (one list per operand).
+#define CHUNK 65536
+#define SPAN(a, start, size) long long end_ = min(size[a], start + CHUNK)
+
+extern "C" __global__ void multi_sumsq(const unsigned long long* ptrs, const long long* size,
+        const int* arr, const long long* start, float* out) {
+    int a = arr[blockIdx.x];
+    long long s0 = start[blockIdx.x];
+    SPAN(a, s0, size);
+    const float* x = (const float*)ptrs[a];
+    float acc = 0.f;
+    for (long long i = s0 + threadIdx.x; i < end_; i += blockDim.x) { float v = x[i]; acc += v * v; }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+extern "C" __global__ void multi_scale(const unsigned long long* ptrs, const long long* size,
+        const int* arr, const long long* start, float scale) {
+    int a = arr[blockIdx.x];
+    long long s0 = start[blockIdx.x];
+    SPAN(a, s0, size);
+    float* x = (float*)ptrs[a];
+    for (long long i = s0 + threadIdx.x; i < end_; i += blockDim.x) x[i] *= scale;
+}
+
+// AdamW (PyTorch's form): p *= 1 - lr wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// p -= lr (m / c1) / (sqrt(v / c2) + eps), with c1, c2 the bias corrections. ptrs: p, g, m, v.
+extern "C" __global__ void multi_adamw(const unsigned long long* ptrs, const long long* size,
+        const int* arr, const long long* start, int n, float lr, float wd, float b1, float b2,
+        float eps, float c1, float c2) {
+    int a = arr[blockIdx.x];
+    long long s0 = start[blockIdx.x];
+    SPAN(a, s0, size);
+    float* p = (float*)ptrs[a];
+    const float* g = (const float*)ptrs[n + a];
+    float* m = (float*)ptrs[2 * n + a];
+    float* v = (float*)ptrs[3 * n + a];
+    for (long long i = s0 + threadIdx.x; i < end_; i += blockDim.x) {
+        float gi = g[i];
+        float mi = b1 * m[i] + (1.f - b1) * gi;
+        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * (1.f - lr * wd) - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    }
+}
+"""
+
+
+def _multi(name, operands):
+    """Launch multi-tensor kernel `name` over lists of equally shaped float32 arrays.
+
+    Returns a function taking the kernel's scalar arguments. The address table is built on
+    the host and copied once per call (the arrays' addresses change between steps).
+    """
+    cp = _cp()
+    n = len(operands[0])
+    sizes = np.array([a.size for a in operands[0]], np.int64)
+    counts = (sizes + _CHUNK - 1) // _CHUNK
+    arr = np.repeat(np.arange(n, dtype=np.int32), counts)
+    start = np.concatenate([np.arange(c, dtype=np.int64) * _CHUNK for c in counts])
+    ptrs = np.array([a.data.ptr for arrays in operands for a in arrays], np.uint64)
+    host = np.concatenate([ptrs.view(np.int64), sizes, start, arr.astype(np.int64)])
+    dev = cp.asarray(host)
+    d_ptrs = dev[: ptrs.size]
+    d_size = dev[ptrs.size: ptrs.size + n]
+    d_start = dev[ptrs.size + n: ptrs.size + n + start.size]
+    d_arr = dev[ptrs.size + n + start.size:].astype(np.int32)
+    kernel = _kernel(name, _MULTI)
+
+    def launch(*scalars):
+        kernel((int(arr.size),), (512,), (d_ptrs, d_size, d_arr, d_start) + scalars)
+
+    return launch
+
+
+def sum_of_squares(arrays):
+    """sum over the float32 arrays of sum(a * a), as a 1-element float32 GPU array."""
+    out = _cp().zeros(1, np.float32)
+    _multi("multi_sumsq", [[_cp().ascontiguousarray(a) for a in arrays]])(out)
+    return out
+
+
+def scale_(arrays, scale):
+    """Multiply every (contiguous float32) array by `scale` in place, in one launch."""
+    _multi("multi_scale", [arrays])(np.float32(scale))
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+               bias_c1, bias_c2):
+    """One AdamW update of every parameter (in place), in one launch; float32, contiguous."""
+    _multi("multi_adamw", [params, grads, exp_avgs, exp_avg_sqs])(
+        np.int32(len(params)), np.float32(lr), np.float32(weight_decay), np.float32(beta1),
+        np.float32(beta2), np.float32(eps), np.float32(bias_c1), np.float32(bias_c2))
+
+
+_ROPE = r"""
+// One thread per pair of one row (a row = one position of one head): threadIdx.x the pair,
+// rows over threadIdx.y and the grid. y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
+extern "C" __global__ void rope_rotate(const IN_T* __restrict__ x, const IN_T* __restrict__ c,
+        const IN_T* __restrict__ s, IN_T* __restrict__ y, long long rows, int T, int D,
+        int inter, float sign) {
+    int h = D / 2, p = threadIdx.x;
+    for (long long r = blockIdx.x * (long long)blockDim.y + threadIdx.y; r < rows;
+         r += (long long)gridDim.x * blockDim.y) {
+        int t = r % T;
+        long long a = r * D + (inter ? 2 * p : p), b = a + (inter ? 1 : h);
+        float cs = to_f(c[t * h + p]), sn = sign * to_f(s[t * h + p]);
+        float x1 = to_f(x[a]), x2 = to_f(x[b]);
+        put(y + a, x1 * cs - x2 * sn);
+        put(y + b, x2 * cs + x1 * sn);
+    }
+}
+"""
 
 
 def rope_rotate(x, cos, sin, sign, interleaved):
     """Rotate the pairs of the last axis of x (..., T, D) by sign * angle, in one pass.
 
     cos, sin: (T, D/2) tables. The pair of element j is (j, j + D/2) in the rotate-half
-    convention, (2i, 2i + 1) interleaved; y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
+    convention, (2i, 2i + 1) interleaved.
     """
     cp = _cp()
     x = cp.ascontiguousarray(x)
-    cos = cp.ascontiguousarray(cos, dtype=x.dtype)
-    sin = cp.ascontiguousarray(sin, dtype=x.dtype) * sign
     T, D = x.shape[-2], x.shape[-1]
-    k = _elementwise(
-        "rope_rotate", "raw T x, raw T c, raw T s, int32 T_, int32 D, int32 inter", "T y",
-        "int j = i % D; long long row = i / D; int t = row % T_; int h = D / 2;"
-        "int pair, first, partner;"
-        "if (inter) { pair = j / 2; first = (j % 2 == 0); partner = first ? i + 1 : i - 1; }"
-        "else { pair = j % h; first = j < h; partner = first ? i + h : i - h; }"
-        "T cj = c[t * h + pair], sj = s[t * h + pair];"
-        "y = first ? x[i] * cj - x[partner] * sj : x[i] * cj + x[partner] * sj")
-    return k(x, cos, sin, np.int32(T), np.int32(D), np.int32(bool(interleaved)), size=x.size).reshape(x.shape)
-
-
-def sum_of_squares(arrays):
-    """sum over all arrays of sum(a * a), as a 0-d float32 GPU array (one kernel per array)."""
-    if "sumsq" not in _cache:
-        _cache["sumsq"] = _cp().ReductionKernel("T x", "float32 y", "(float)x * (float)x", "a + b",
-                                                "y = a", "0", "sumsq")
-    total = None
-    for a in arrays:
-        sq = _cache["sumsq"](a)
-        total = sq if total is None else total + sq
-    return total
+    cos = cp.ascontiguousarray(cos, dtype=x.dtype)
+    sin = cp.ascontiguousarray(sin, dtype=x.dtype)
+    y = cp.empty_like(x)
+    rows = x.size // D
+    per_block = max(1, 256 // (D // 2))
+    grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)
+    _kernel("rope_rotate", _ROPE, IN_T=x.dtype)(
+        grid, (D // 2, per_block), (x, cos, sin, y, np.int64(rows), np.int32(T), np.int32(D),
+                                     np.int32(bool(interleaved)), np.float32(sign)))
+    return y
 
 
 def _elementwise(name, params_in, params_out, body):

@@ -222,6 +222,7 @@ class AdamW(Optimizer):
             b1, b2 = group["betas"]
             step_size = lr / (1 - b1**t)
             bc2_sqrt = math.sqrt(1 - b2**t)
+            fused = []  # on the GPU: every parameter of the group in one kernel launch
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -230,8 +231,8 @@ class AdamW(Optimizer):
                 m = self._buffer(p, "exp_avg")
                 v = self._buffer(p, "exp_avg_sq")
                 w = p.data
-                if kernels.use(w, g):  # on the GPU: the same update in one fused pass
-                    kernels.adamw_step(w, g, m, v, lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
+                if kernels.use(w, g) and w.flags.c_contiguous and g.flags.c_contiguous:
+                    fused.append((w, g, m, v))
                     continue
                 tmp = self._tmp(p.data)
                 if wd:
@@ -252,6 +253,8 @@ class AdamW(Optimizer):
                 xp.divide(m, tmp, out=tmp)
                 tmp *= step_size
                 w -= tmp
+            if fused:
+                kernels.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
 
 
 # ---- gradient clipping -------------------------------------------------------------------
@@ -259,8 +262,8 @@ class AdamW(Optimizer):
 def grad_norm(params):
     """The global L2 norm of all gradients, as a Python float (one device sync)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and kernels.use(*grads):  # on the GPU: one reduction kernel per array, one sync
-        return math.sqrt(float(kernels.sum_of_squares(grads)))
+    if grads and kernels.use(*grads):  # on the GPU: one kernel over every array, one sync
+        return math.sqrt(float(kernels.sum_of_squares(grads)[0]))
     total = None
     for p in params:
         g = p.grad
@@ -287,6 +290,10 @@ def clip_grad_norm(params, max_norm):
     if math.isfinite(total):
         scale = max_norm / (total + 1e-6)
         if scale < 1:
+            grads = [p.grad for p in params]
+            if kernels.use(*grads) and all(g.flags.c_contiguous for g in grads):
+                kernels.scale_(grads, scale)  # one launch on the GPU
+                return total
             for p in params:
                 p.grad *= p.grad.dtype.type(scale)
     return total

@@ -163,7 +163,7 @@ def test_adamw_kernel_matches_the_numpy_step():
     from autograd import optim
 
     rng = np.random.default_rng(5)
-    shapes = [(7, 5), (5,)]
+    shapes = [(7, 5), (5,), (300, 700)]  # the last spans several 65536-element chunks
     from autograd.nn import Parameter
 
     params = {"cpu": [Parameter(rng.standard_normal(s).astype(np.float32)) for s in shapes]}
@@ -194,9 +194,26 @@ def test_grad_norm_kernel():
     from autograd.nn import Parameter
 
     rng = np.random.default_rng(7)
-    ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in [(30, 7), (5,), (1000,)]]
+    ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in [(30, 7), (5,), (200_000,)]]
     grads = [rng.standard_normal(p.shape).astype(np.float32) for p in ps]
     for p, g in zip(ps, grads):
         p.grad = backend.to_device(g, "cuda")
     want = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
     assert abs(optim.grad_norm(ps) - want) < 1e-5 * want
+
+
+def test_clip_scales_every_array_in_one_launch():
+    from autograd import optim
+    from autograd.nn import Parameter
+
+    rng = np.random.default_rng(8)
+    shapes = [(3, 4), (150_000,), (7,)]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ps = [Parameter(np.zeros(s, np.float32), device="cuda") for s in shapes]
+    for p, g in zip(ps, grads):
+        p.grad = backend.to_device(g, "cuda")
+    norm = optim.clip_grad_norm(ps, 1.0)
+    want = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    assert abs(norm - want) < 1e-5 * want
+    for p, g in zip(ps, grads):
+        assert np.allclose(p.grad.get(), g * (1.0 / (want + 1e-6)), rtol=1e-5, atol=1e-8)
