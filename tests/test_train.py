@@ -148,3 +148,21 @@ def test_config_file_and_cli_overrides(tmp_path, corpus):
     bad.write_text("stepz = 3\n")
     with pytest.raises(ValueError, match="unknown training settings.*stepz"):
         cli_main(["train", "--config", str(bad)])
+
+
+def test_plot_writes_png_or_explains_missing_matplotlib(tmp_path, corpus):
+    train(config(tmp_path, corpus, steps=4, eval_every=2))
+    from tinyllm.plot import plot_run, read_metrics
+
+    tr, val = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in tr] == [2, 4] and [r["step"] for r in val] == [2, 4]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs matplotlib: pip install"):
+            plot_run(tmp_path / "run")
+        return
+    out = plot_run(tmp_path / "run")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        plot_run(tmp_path)
