@@ -1,6 +1,7 @@
 """Training runs end to end: exact resume, checkpoint integrity, config layering, the CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 
-def test_resume_refuses_other_model_or_tokenizer(tmp_path, corpus):
+def test_resume_refuses_other_model_or_tokenizer(tmp_path, corpus, capsys):
     train(config(tmp_path, corpus, steps=3))
     run_dir = tmp_path / "run"
     other = config(tmp_path, corpus, steps=6, model=dict(TINY, d_model=64))
@@ -122,8 +123,12 @@ def test_resume_refuses_other_model_or_tokenizer(tmp_path, corpus):
     tok.save(tmp_path / "tok.json")
     other = config(tmp_path, corpus, steps=6, char=False, tokenizer=str(tmp_path / "tok.json"))
     # resuming always uses the checkpoint's own tokenizer; a CLI asking for another is refused
-    with pytest.raises(CheckpointError, match=r"last\.ckpt: cannot resume with other settings: .*tokenizer"):
-        cli_main(["train", "--resume", str(run_dir), "--tokenizer", str(tmp_path / "tok.json"), "-q"])
+    assert cli_main(["train", "--resume", str(run_dir), "--tokenizer", str(tmp_path / "tok.json"),
+                     "-q"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"last\.ckpt: cannot resume with other settings: .*tokenizer", err), err
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: tokenizer does not match: .*tok\.json"):
+        train(other, resume=run_dir)
     # loading weights into a model of another vocabulary names the file and the mismatch
     from tinyllm.train import Run
 
@@ -132,7 +137,7 @@ def test_resume_refuses_other_model_or_tokenizer(tmp_path, corpus):
         Run(other, resume_from={"path": run_dir / "last.ckpt", "meta": meta, "arrays": arrays})
 
 
-def test_config_file_and_cli_overrides(tmp_path, corpus):
+def test_config_file_and_cli_overrides(tmp_path, corpus, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f'data = "{corpus}"\nchar = true\nsteps = 2\nbatch_size = 2\n'
                         f'block_size = 16\neval_every = 2\neval_iters = 1\nsample_tokens = 5\n'
@@ -146,8 +151,8 @@ def test_config_file_and_cli_overrides(tmp_path, corpus):
     assert saved["model"]["n_layers"] == 1
     bad = tmp_path / "bad.toml"
     bad.write_text("stepz = 3\n")
-    with pytest.raises(ValueError, match="unknown training settings.*stepz"):
-        cli_main(["train", "--config", str(bad)])
+    assert cli_main(["train", "--config", str(bad)]) == 2
+    assert "unknown training settings ['stepz']" in capsys.readouterr().err
 
 
 def test_plot_writes_png_or_explains_missing_matplotlib(tmp_path, corpus):
@@ -166,3 +171,5 @@ def test_plot_writes_png_or_explains_missing_matplotlib(tmp_path, corpus):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="no metrics file"):
         plot_run(tmp_path)
+    assert cli_main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").exists()

@@ -4,6 +4,7 @@ matplotlib is an optional extra (`pip install 'tinyllm[plot]'`), imported only h
 """
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -40,7 +41,7 @@ def plot_run(run_dir, out=None, log_y=False):
         raise ValueError(f"{run_dir}: metrics.jsonl has no records yet")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss",
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"train loss (mean of each {train[1]['step'] - train[0]['step'] if len(train) > 1 else 1} steps)",
                 color="tab:blue", alpha=0.8)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss",
@@ -72,7 +73,11 @@ def plot_run(run_dir, out=None, log_y=False):
 
 
 def cmd_plot(args):
-    out = plot_run(args.run_dir, args.output, args.log)
+    try:
+        out = plot_run(args.run_dir, args.output, args.log)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"tinyllm plot: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

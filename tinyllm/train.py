@@ -400,7 +400,7 @@ class Run:
         t_start = time.perf_counter()
         t_last, step_last = t_start, self.step
         first_step = self.step
-        smooth = None
+        loss_sum = 0.0
         with open(metrics_path, "a") as metrics:
             def record(obj):
                 metrics.write(json.dumps(obj) + "\n")
@@ -409,8 +409,10 @@ class Run:
             try:
                 while self.step < cfg.steps and not stop["flag"]:
                     loss, lr, norm = self.train_step()
-                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                    loss_sum += loss
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        loss = loss_sum / (self.step - step_last)  # mean since the last line
+                        loss_sum = 0.0
                         now = time.perf_counter()
                         tps = (self.step - step_last) * self.tokens_per_step / (now - t_last)
                         done = self.step - first_step
@@ -609,8 +611,12 @@ def _parse_value(v):
 
 
 def cmd_train(args):
-    cfg = config_from_args(args)
-    run, summary = train(cfg, resume=args.resume)
+    try:
+        cfg = config_from_args(args)
+        run, summary = train(cfg, resume=args.resume)
+    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a ValueError
+        print(f"tinyllm train: error: {e}", file=sys.stderr)
+        return 2
     if cfg.sample_tokens and not summary["interrupted"]:
         t0 = time.perf_counter()
         text = run.sample(cfg.sample_tokens, cfg.prompt, cfg.temperature, cfg.top_k, cfg.seed)
