@@ -173,3 +173,27 @@ def test_plot_writes_png_or_explains_missing_matplotlib(tmp_path, corpus):
         plot_run(tmp_path)
     assert cli_main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").exists()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
+    from tinyllm.train import Run, build_model
+
+    cfg = config(tmp_path, corpus, grad_accum=2, batch_size=2, clip=0.0)
+    run = Run(cfg)
+    w0 = {k: v.copy() for k, v in run.model.state_dict().items()}
+    grads = {}
+    real_step = run.optimizer.step
+
+    def spy():
+        grads.update({n: p.grad.copy() for n, p in run.model.named_parameters()})
+        real_step()
+
+    run.optimizer.step = spy
+    run.train_step()  # micro-batches 0 and 1, each loss scaled by 1/2
+    ref = build_model(cfg, run.tokenizer.vocab_size)
+    ref.load_state_dict(w0)
+    (x0, y0), (x1, y1) = run.batches.get(0), run.batches.get(1)
+    _, loss = ref(np.concatenate([x0, x1]), np.concatenate([y0, y1]))
+    loss.backward()
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7, err_msg=name)

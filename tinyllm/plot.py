@@ -41,7 +41,9 @@ def plot_run(run_dir, out=None, log_y=False):
         raise ValueError(f"{run_dir}: metrics.jsonl has no records yet")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"train loss (mean of each {train[1]['step'] - train[0]['step'] if len(train) > 1 else 1} steps)",
+        every = train[1]["step"] - train[0]["step"] if len(train) > 1 else 1
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train],
+                label=f"train loss (mean over {every} steps)",
                 color="tab:blue", alpha=0.8)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss",
