@@ -197,3 +197,22 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
     loss.backward()
     for name, p in ref.named_parameters():
         np.testing.assert_allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "float16"])
+def test_mixed_precision_training_keeps_float32_weights_and_learns(tmp_path, corpus, mode):
+    from autograd import amp
+
+    try:
+        run, s = train(config(tmp_path, corpus, steps=30, eval_every=30, lr=1e-2, warmup=5, dtype=mode))
+    finally:
+        amp.set_precision("float32")
+    assert all(p.dtype == np.float32 for p in run.model.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert s["best_val"] < lines[0]["loss"] - 1.0
+    assert (run.scaler is not None) == (mode == "float16")
+
+
+def test_unknown_dtype_is_refused(tmp_path, corpus):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        train(config(tmp_path, corpus, dtype="int8"))

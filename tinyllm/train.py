@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import autograd
-from autograd import backend
+from autograd import amp, backend
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
 from tinyllm.checkpoint import CheckpointError, check_match, load_checkpoint, save_checkpoint
@@ -75,6 +75,8 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per evaluation (fixed windows)
     out: str | None = None  # run folder; None: runs/<preset>
     device: str = "cpu"
+    # float32 | float64: the parameters' dtype; tf32 | bfloat16 | float16: float32 parameters
+    # with the matrix products in that precision (autograd.amp); float16 adds loss scaling
     dtype: str = "float32"
     sample_tokens: int = 300  # printed at the end; 0: none
     prompt: str = ""  # sample prompt; "" starts a fresh document
@@ -157,13 +159,21 @@ def build_tokenizer(cfg, docs):
     return tok
 
 
+PRECISIONS = ("tf32", "bfloat16", "float16")  # mixed-precision modes of autograd.amp
+
+
+def param_dtype(dtype):
+    """The parameters' dtype for a --dtype setting: float32 under the mixed-precision modes."""
+    return "float32" if dtype in PRECISIONS else dtype
+
+
 def build_model(cfg, vocab_size):
     from tinyllm.model import GPT
 
     overrides = dict(cfg.model)
     overrides["vocab_size"] = vocab_size
     overrides.setdefault("device", cfg.device)
-    overrides.setdefault("dtype", cfg.dtype)
+    overrides.setdefault("dtype", param_dtype(cfg.dtype))
     return GPT.from_preset(cfg.preset, **overrides)
 
 
@@ -226,6 +236,11 @@ class Run:
         if cfg.threads and cfg.device == "cpu" and not set_blas_threads(cfg.threads):
             log(cfg, f"note: could not set BLAS threads to {cfg.threads} (unknown BLAS library)")
         autograd.manual_seed(cfg.seed)
+        if cfg.dtype not in ("float32", "float64") + PRECISIONS:
+            raise ValueError(f"dtype must be one of float32, float64, {', '.join(PRECISIONS)}; "
+                             f"got {cfg.dtype!r}")
+        amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
+        self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
         self.docs = data_mod.load_corpus(cfg.data)
         if resume_from is not None:
             self.tokenizer = self._resume_tokenizer(resume_from)
@@ -301,6 +316,7 @@ class Run:
             "optimizer": opt,
             "schedule": self.schedule.state_dict(),
             "rng": backend.get_rng_state(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
             "dataset": {k: self.dataset.meta.get(k) for k in ("key", "train_tokens", "val_tokens")},
         }
         return meta, arrays
@@ -325,6 +341,8 @@ class Run:
         self.step = meta["step"]
         self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
         backend.set_rng_state(meta["rng"])
+        if self.scaler and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self):
@@ -335,7 +353,7 @@ class Run:
         with autograd.no_grad():
             for i in range(0, len(self.val_starts), B):
                 x, y = data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
-                _, loss = self.model(self._dev(x), self._dev(y))
+                _, loss = self.model(self._dev(x), self._dev(y), return_logits=False)
                 total += loss.item() * len(x)
                 count += len(x)
         self.model.train()
@@ -351,18 +369,27 @@ class Run:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.batches.get(self.step * cfg.grad_accum + micro)
-            _, loss = self.model(self._dev(x), self._dev(y))
+            # the loss without the (tokens, vocab) logits: see GPT.forward(return_logits=False)
+            _, loss = self.model(self._dev(x), self._dev(y), return_logits=False)
             if cfg.grad_accum > 1:
                 loss = loss * (1.0 / cfg.grad_accum)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {self.step}: loss is {loss_sum} (lower the learning "
                                      "rate, or resume from the last good checkpoint)")
+        if self.scaler and not self.scaler.unscale_(self.params):
+            # float16 overflow: skip this update, lower the loss scale, keep the weights
+            self.scaler.update()
+            self.optimizer.zero_grad()
+            self.step += 1
+            return loss_sum, lr, math.inf
         norm = clip_grad_norm(self.params, cfg.clip) if cfg.clip else \
             grad_norm(self.params)
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if self.scaler:
+            self.scaler.update()
         self.step += 1
         return loss_sum, lr, norm
 
@@ -660,7 +687,8 @@ def register(subparsers):
     p.add_argument("--eval-iters", type=int, help=f"validation batches ({d.eval_iters})")
     p.add_argument("-o", "--out", help="run folder (default runs/<preset>)")
     p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--dtype", help="float32")
+    p.add_argument("--dtype", help="float32 or float64 parameters; or tf32, bfloat16, float16: "
+                   "float32 parameters, matrix products in that precision (float16 with loss scaling)")
     p.add_argument("--sample-tokens", type=int, help=f"tokens sampled at the end ({d.sample_tokens})")
     p.add_argument("--prompt", help="prompt for the final sample")
     p.add_argument("--temperature", type=float)
