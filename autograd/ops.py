@@ -478,9 +478,23 @@ def _mm(a, b, trans_a, trans_b, dtype):
     On the GPU it goes through kernels.gemm, which writes float32 straight from bfloat16 or
     float16 operands (no low-precision result to cast back); elsewhere a plain product.
     """
-    if kernels.enabled() and backend.is_cupy_array(a) and a.dtype != np.float64:
+    if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
         return kernels.gemm(a, b, trans_a, trans_b, out_dtype=dtype)[0]
     return amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), dtype)
+
+
+def _bmm(a, b, trans_a, trans_b, dtype):
+    """Batched op(a) @ op(b) over equal leading axes, returned in `dtype` (as _mm; CuPy's own
+    batched matmul does not take bfloat16)."""
+    if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
+        lead = a.shape[:-2]
+        y = kernels.gemm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
+                         trans_a, trans_b, out_dtype=dtype)
+        return y.reshape(*lead, *y.shape[-2:])
+    xp = xp_of(a)
+    a = xp.swapaxes(a, -1, -2) if trans_a else a
+    b = xp.swapaxes(b, -1, -2) if trans_b else b
+    return amp.high(a @ b, dtype)
 
 
 class Linear(Function):
@@ -991,7 +1005,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 
 def _mm_into(out, a, b, trans_a, trans_b, accumulate=False):
     """out = op(a) @ op(b), or out += with accumulate, for 2-D a, b (the `_mm` of a buffer)."""
-    if kernels.enabled() and backend.is_cupy_array(a) and a.dtype != np.float64:
+    if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
         kernels.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate)
         return
     product = amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), out.dtype)
@@ -1228,7 +1242,7 @@ class Attention(Function):
         G = Hq // Hkv
         qf = amp.low(q).reshape(B, Hkv, G * T, D)
         k, v = amp.low(k), amp.low(v)
-        s = amp.high(qf @ xp.swapaxes(k, -1, -2), q.dtype)  # (B, Hkv, G*T, S)
+        s = _bmm(qf, k, False, True, q.dtype)  # q k^T: (B, Hkv, G*T, S)
         s *= self.scale
         if self.causal:
             s5 = s.reshape(B, Hkv, G, T, S)  # a view: the (T, S) mask broadcasts over it
@@ -1244,7 +1258,7 @@ class Attention(Function):
             pd = amp.low(p)
         self.q, self.k, self.v, self.p, self.pd, self.dtype = qf, k, v, p, pd, q.dtype
         self.q_shape = q.shape
-        y = amp.high(pd @ v, q.dtype)  # (B, Hkv, G*T, D)
+        y = _bmm(pd, v, False, False, q.dtype)  # (B, Hkv, G*T, D)
         return y.reshape(B, Hq, T, D)
 
     def backward(self, g):
@@ -1258,8 +1272,8 @@ class Attention(Function):
         qf, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
         B, Hkv, GT, D = qf.shape
         g = amp.low(g.reshape(B, Hkv, GT, D))
-        gv = amp.high(xp.swapaxes(pd, -1, -2) @ g, dtype)
-        ds = amp.high(g @ xp.swapaxes(v, -1, -2), dtype)  # dP: a fresh array, updated in place
+        gv = _bmm(pd, g, True, False, dtype)
+        ds = _bmm(g, v, False, True, dtype)  # dP: a fresh array, updated in place
         if self.dropout_p > 0:
             ds *= self.mask
         rows = (ds * p).sum(axis=-1, keepdims=True)
@@ -1267,9 +1281,9 @@ class Attention(Function):
         ds *= p
         ds = amp.low(ds)
         # the scale goes on the (.., T, D) products, not on the larger (.., T, S) dS
-        gq = amp.high((ds @ k).reshape(self.q_shape), dtype)
+        gq = _bmm(ds, k, False, False, dtype).reshape(self.q_shape)
         gq *= self.scale
-        gk = amp.high(xp.swapaxes(ds, -1, -2) @ qf, dtype)
+        gk = _bmm(ds, qf, True, False, dtype)
         gk *= self.scale
         return gq, gk, gv
 

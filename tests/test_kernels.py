@@ -217,3 +217,22 @@ def test_clip_scales_every_array_in_one_launch():
     assert abs(norm - want) < 1e-5 * want
     for p, g in zip(ps, grads):
         assert np.allclose(p.grad.get(), g * (1.0 / (want + 1e-6)), rtol=1e-5, atol=1e-8)
+
+
+def test_reference_attention_under_bfloat16_on_the_gpu(monkeypatch):
+    # with dropout (or TINYLLM_FUSED=0) attention takes the reference path, whose batched
+    # bfloat16 products go through kernels.gemm: close to float32
+    rng = np.random.default_rng(9)
+    q, k, v = rand(rng, 2, 4, 32, 16), rand(rng, 2, 2, 32, 16), rand(rng, 2, 2, 32, 16)
+    want = ops.scaled_dot_product_attention(*[Tensor(a) for a in (q, k, v)]).numpy()
+    monkeypatch.setenv("TINYLLM_FUSED", "0")
+    ts = [Tensor(a, device="cuda", requires_grad=True) for a in (q, k, v)]
+    with amp.autocast("bfloat16"):
+        y = ops.scaled_dot_product_attention(*ts)
+        y.backward(y.xp.ones(y.shape, np.float32))
+    assert np.abs(y.numpy() - want).max() < 3e-2
+    assert all(t.grad.dtype == np.float32 for t in ts)
+    with amp.autocast("bfloat16"):
+        z = ops.scaled_dot_product_attention(*ts, dropout_p=0.2)
+        z.backward(z.xp.ones(z.shape, np.float32))
+    assert np.isfinite(z.numpy()).all()
