@@ -23,7 +23,6 @@ new tokens over the whole time, prefill included.
 """
 
 import argparse
-import math
 import os
 import platform
 import sys

@@ -17,12 +17,12 @@ CheckpointError naming the file.
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm.atomic import atomic_write
 
 MAGIC = b"TINYLLM-CKPT\n"
 VERSION = 1
@@ -51,22 +51,13 @@ def save_checkpoint(path, meta, arrays):
         blobs.append(a)
     header = json.dumps({"meta": meta, "arrays": index}, separators=(",", ":")).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            h = hashlib.sha256()
-            _write_chunk(f, MAGIC + struct.pack("<IQ", VERSION, len(header)), h)
-            _write_chunk(f, header, h)
-            for a in blobs:
-                _write_chunk(f, memoryview(a.reshape(-1)).cast("B"), h)
-            f.write(h.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        h = hashlib.sha256()
+        _write_chunk(f, MAGIC + struct.pack("<IQ", VERSION, len(header)), h)
+        _write_chunk(f, header, h)
+        for a in blobs:
+            _write_chunk(f, memoryview(a.reshape(-1)).cast("B"), h)
+        f.write(h.digest())
     return path
 
 

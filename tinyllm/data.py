@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tinyllm.atomic import atomic_write
 
 FORMAT = 1  # bump when the token file layout changes: old caches are then ignored
 
@@ -208,17 +209,9 @@ def default_cache_dir():
 
 
 def _write_atomic(path, data):
-    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write bytes to `path` all at once or not at all."""
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 class TokenDataset:

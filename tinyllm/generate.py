@@ -45,7 +45,6 @@ import argparse
 import codecs
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -406,13 +405,7 @@ def load_tokenizer(path):
 def _tokenizer_from_text(text):
     from tinyllm.tokenizer import Tokenizer
 
-    fd, tmp = tempfile.mkstemp(suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return Tokenizer.load(tmp)
-    finally:
-        os.unlink(tmp)
+    return Tokenizer.from_json(text, source="the checkpoint's tokenizer")
 
 
 def load_for_generation(path, tokenizer=None, device="cpu", dtype=None):

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -291,11 +290,8 @@ class Run:
         return tok
 
     def _tokenizer_json(self):
-        tmp = self.run_dir / ".tokenizer.json"
-        self.tokenizer.save(tmp)
-        text = tmp.read_text()
-        os.replace(tmp, self.run_dir / "tokenizer.json")
-        return text
+        self.tokenizer.save(self.run_dir / "tokenizer.json")
+        return self.tokenizer.to_json()
 
     def state(self):
         """(meta, arrays) of the whole training state."""

@@ -20,11 +20,12 @@ import hashlib
 import heapq
 import json
 import os
-import tempfile
 import sys
 from itertools import chain, repeat
 
 import regex
+
+from tinyllm.atomic import atomic_write
 
 from .patterns import ascii_findall, pattern_name, resolve_pattern
 
@@ -361,42 +362,40 @@ class Tokenizer:
         canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canon.encode("ascii")).hexdigest()
 
-    def save(self, path):
-        """Write the tokenizer as one JSON document (format version, pattern, merges, special
-        tokens, counts and a SHA-256 of the rest), atomically: a temporary file in the same
-        directory, fsync, then rename over `path`."""
+    def to_json(self):
+        """The tokenizer as one JSON document (format version, pattern, merges, special tokens,
+        counts and a SHA-256 of the rest): what `save` writes."""
         body = self._body()
         doc = dict(body, sha256=self._checksum(body))
-        text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(text)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        return json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+    def save(self, path):
+        """Write `to_json()` to `path` atomically (a temporary file in the same directory,
+        fsync, then rename over `path`)."""
+        with atomic_write(path, "w", encoding="ascii") as f:
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path):
         """Load a file written by `save`; a corrupt or truncated one raises TokenizerFileError
         naming the file and the problem."""
         path = os.fspath(path)
-
-        def fail(what):
-            raise TokenizerFileError(f"{path}: {what}")
-
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as e:
-            fail(f"cannot read: {e.strerror or e}")
+            raise TokenizerFileError(f"{path}: cannot read: {e.strerror or e}") from None
+        return cls.from_json(raw, source=path)
+
+    @classmethod
+    def from_json(cls, raw, source="<json>"):
+        """The tokenizer from `to_json()`'s text (str or bytes); errors name `source`."""
+
+        def fail(what):
+            raise TokenizerFileError(f"{source}: {what}")
+
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
         if not raw.strip():
             fail("empty file")
         try:
