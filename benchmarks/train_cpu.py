@@ -9,10 +9,13 @@ match tinyllm's (same layers, shapes and tied embeddings; its own random weights
     python benchmarks/train_cpu.py --steps 5 --only laptop
     python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step
     python benchmarks/train_cpu.py --threads 1     # NumPy's BLAS and torch on 1 thread each, top ops
+
+As `tinyllm train` does on the CPU, the process first asks glibc's malloc to keep freed memory
+for reuse (`autograd.backend.reuse_freed_memory`; it applies to both libraries here);
+--default-malloc leaves malloc as it is.
 """
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -187,7 +190,10 @@ def main():
     ap.add_argument("--only", choices=list(CASES))
     ap.add_argument("--profile", action="store_true", help="cProfile tinyllm's step")
     ap.add_argument("--threads", type=int, help="threads for both (NumPy's BLAS and torch)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="do not call reuse_freed_memory (glibc returns large blocks to the OS)")
     args = ap.parse_args()
+    reuse = False if args.default_malloc else autograd.backend.reuse_freed_memory()
     if args.threads:
         from tinyllm.train import set_blas_threads
 
@@ -201,7 +207,7 @@ def main():
         torch, threads = None, None
     print(f"# {cpu_name()}, nproc {os.cpu_count()}, numpy {np.__version__}"
           + (f", torch {torch.__version__} ({threads} threads)" if torch else ", no torch")
-          + f", {time.strftime('%Y-%m-%d')}")
+          + f", malloc {'keeps freed memory' if reuse else 'default'}, {time.strftime('%Y-%m-%d')}")
     print("| model | params | batch x block | tinyllm tok/s | PyTorch tok/s | tinyllm / PyTorch |")
     print("|---|---|---|---|---|---|")
     for name, (preset, over, B, T) in CASES.items():

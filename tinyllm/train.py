@@ -234,6 +234,8 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.threads and cfg.device == "cpu" and not set_blas_threads(cfg.threads):
             log(cfg, f"note: could not set BLAS threads to {cfg.threads} (unknown BLAS library)")
+        if cfg.device == "cpu":
+            backend.reuse_freed_memory()  # each step reuses the last one's pages (~20% faster)
         autograd.manual_seed(cfg.seed)
         if cfg.dtype not in ("float32", "float64") + PRECISIONS:
             raise ValueError(f"dtype must be one of float32, float64, {', '.join(PRECISIONS)}; "
