@@ -1240,16 +1240,17 @@ class Attention(Function):
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = Hq // Hkv
-        qf = amp.low(q).reshape(B, Hkv, G * T, D)
+        # the scale goes on q (.., T, D), not on the larger scores (.., T, S); backward keeps
+        # the scaled q, so dK = dS^T (q scale) needs no scaling either
+        qf = amp.low(q * xp.asarray(self.scale, q.dtype)).reshape(B, Hkv, G * T, D)
         k, v = amp.low(k), amp.low(v)
-        s = _bmm(qf, k, False, True, q.dtype)  # q k^T: (B, Hkv, G*T, S)
-        s *= self.scale
+        s = _bmm(qf, k, False, True, q.dtype)  # q k^T scale: (B, Hkv, G*T, S)
         if self.causal:
             s5 = s.reshape(B, Hkv, G, T, S)  # a view: the (T, S) mask broadcasts over it
             s5 += _causal_bias(T, S, xp, s.dtype)
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
-        p /= p.sum(axis=-1, keepdims=True)
+        p *= 1 / p.sum(axis=-1, keepdims=True)  # one division per row, then products
         if self.dropout_p > 0:
             self.mask = (backend.rng(backend.device_of(q)).random(p.shape, dtype=np.float32)
                          >= self.dropout_p) * xp.asarray(1 / (1 - self.dropout_p), q.dtype)
@@ -1258,33 +1259,35 @@ class Attention(Function):
             pd = amp.low(p)
         self.q, self.k, self.v, self.p, self.pd, self.dtype = qf, k, v, p, pd, q.dtype
         self.q_shape = q.shape
-        y = _bmm(pd, v, False, False, q.dtype)  # (B, Hkv, G*T, D)
+        self.y = y = _bmm(pd, v, False, False, q.dtype)  # (B, Hkv, G*T, D)
         return y.reshape(B, Hq, T, D)
 
     def backward(self, g):
         # dV = Pd^T g;  dPd = g V^T;  dP = dPd * mask;  dS = P (dP - rowsum(dP P)) * scale;
         # dQ = dS K;  dK = dS^T Q. With the G grouped heads stacked as rows, the products
         # Pd^T g and dS^T Q already sum dK, dV over the group.
+        # rowsum(dP P)_i = sum_j mask_ij P_ij (g_i . v_j) = g_i . (Pd V)_i = g_i . y_i, a sum
+        # over D instead of S (as in FlashAttention): no (.., T, S) temporary.
         xp = xp_of(g)
         if getattr(self, "fused", False):
             return kernels.attention_backward(self.q, self.k, self.v, self.y, self.lse, g,
                                               self.causal, self.scale)
         qf, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
         B, Hkv, GT, D = qf.shape
-        g = amp.low(g.reshape(B, Hkv, GT, D))
+        g = g.reshape(B, Hkv, GT, D)
+        rows = xp.einsum("...i,...i->...", g, self.y)[..., None]  # rowsum(dP P) = g . y
+        g = amp.low(g)
         gv = _bmm(pd, g, True, False, dtype)
         ds = _bmm(g, v, False, True, dtype)  # dP: a fresh array, updated in place
         if self.dropout_p > 0:
             ds *= self.mask
-        rows = (ds * p).sum(axis=-1, keepdims=True)
         ds -= rows
         ds *= p
         ds = amp.low(ds)
-        # the scale goes on the (.., T, D) products, not on the larger (.., T, S) dS
+        # the scale goes on the (.., T, D) dQ, not on the larger (.., T, S) dS; qf is scaled
         gq = _bmm(ds, k, False, False, dtype).reshape(self.q_shape)
         gq *= self.scale
         gk = _bmm(ds, qf, True, False, dtype)
-        gk *= self.scale
         return gq, gk, gv
 
 
