@@ -215,20 +215,44 @@ class Silu(Function):
         return g * (s * (1 + self.x * (1 - s)))
 
 
+def _sigmoid(x):
+    """s(x) = 1/(1+e^-x) = (1 + tanh(x/2)) / 2 (tanh never overflows), built in one array."""
+    s = xp_of(x).asarray(x * 0.5)  # asarray: a 0-d product is a scalar, which cannot be updated
+    xp_of(x).tanh(s, out=s)
+    s += 1
+    s *= 0.5
+    return s
+
+
+def _times(y, b):
+    """y * b, written into y when the product keeps y's shape and dtype (one array fewer)."""
+    if y.shape == np.broadcast_shapes(y.shape, b.shape) and y.dtype == np.result_type(y.dtype, b.dtype):
+        y *= b
+        return y
+    return y * b
+
+
 class SwiGLU(Function):
     def forward(self, a, b):
         # y = silu(a) * b = a s(a) b, the gated unit of Llama's MLP, in one op
         self.a, self.b = a, b
         if kernels.use(a, b) and a.shape == b.shape:
             return kernels.swiglu_forward(a, b)
-        return a * (0.5 * (1 + xp_of(a).tanh(0.5 * a))) * b
+        y = _sigmoid(a)
+        y *= a
+        return _times(y, b)
 
     def backward(self, g):  # da = g b (s + a s (1 - s)),  db = g a s
         a, b = self.a, self.b
         if kernels.use(g, a, b) and a.shape == b.shape == g.shape:
             return kernels.swiglu_backward(g, a, b)
-        s = 0.5 * (1 + xp_of(a).tanh(0.5 * a))
-        return g * b * (s * (1 + a * (1 - s))), g * a * s
+        xp = xp_of(a)
+        s = _sigmoid(a)
+        u = a * s  # silu(a)
+        ga = xp.subtract(1, s, dtype=s.dtype)
+        ga *= u
+        ga += s  # s + a s (1 - s)
+        return _times(_times(ga, b), g), _times(u, g)
 
 
 def swiglu(a, b):
