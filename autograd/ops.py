@@ -1114,6 +1114,14 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, reduction="mean"
     return LinearCrossEntropy(t, ignore_index, reduction, int(chunk_rows)).apply(x, weight)
 
 
+def _rowdot(a, b):
+    """sum(a * b) over the last axis, kept as an axis of size 1: einsum makes it one pass with
+    no a*b temporary (float32/float64; NumPy's einsum does not take bfloat16)."""
+    if a.dtype == b.dtype and a.dtype in (np.float32, np.float64):
+        return xp_of(a).einsum("...i,...i->...", a, b)[..., None]
+    return (a * b).sum(axis=-1, keepdims=True)
+
+
 class LayerNorm(Function):
     def __init__(self, eps):
         self.eps = eps
@@ -1127,7 +1135,7 @@ class LayerNorm(Function):
             return y
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
-        self.rstd = 1 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)
+        self.rstd = 1 / xp.sqrt(_rowdot(xc, xc) / x.dtype.type(x.shape[-1]) + self.eps)
         self.xhat = xc * self.rstd
         self.w = w
         y = self.xhat * w if w is not None else self.xhat.copy()
@@ -1142,9 +1150,11 @@ class LayerNorm(Function):
                                                self.w is not None, len(self.needs_grad) > 2)
             return (gx, gw, gb)[: len(self.needs_grad)]
         xhat, rstd = self.xhat, self.rstd
-        gh = g * self.w if self.w is not None else g
-        gx = rstd * (gh - gh.mean(axis=-1, keepdims=True)
-                     - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        gx = g * self.w if self.w is not None else g.copy()  # gh, a fresh array: gx is built in it
+        dot = _rowdot(gx, xhat) / g.dtype.type(g.shape[-1])  # mean(gh xhat)
+        gx -= gx.mean(axis=-1, keepdims=True)
+        gx -= xhat * dot
+        gx *= rstd
         rows = (-1, g.shape[-1])
         gw = (g * xhat).reshape(rows).sum(axis=0) if self.w is not None else None
         gb = g.reshape(rows).sum(axis=0) if len(self.needs_grad) > 2 else None
@@ -1162,7 +1172,8 @@ class RMSNorm(Function):
             self.fused, self.x, self.w = True, x, w
             y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
             return y
-        self.rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)
+        ms = _rowdot(x, x) / x.dtype.type(x.shape[-1])  # mean(x^2)
+        self.rstd = 1 / xp.sqrt(ms + self.eps)
         self.xhat = x * self.rstd
         self.w = w
         return self.xhat * w if w is not None else self.xhat
@@ -1174,10 +1185,11 @@ class RMSNorm(Function):
                                               self.w is not None, False)
             return gx, gw
         xhat = self.xhat
-        gh = g * self.w if self.w is not None else g
-        gx = self.rstd * (gh - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        gh = g * self.w if self.w is not None else g.copy()  # a fresh array: gx is built in it
+        gh -= xhat * (_rowdot(gh, xhat) / g.dtype.type(g.shape[-1]))  # gh - xhat mean(gh xhat)
+        gh *= self.rstd
         gw = (g * xhat).reshape(-1, g.shape[-1]).sum(axis=0) if self.w is not None else None
-        return gx, gw
+        return gh, gw
 
 
 def _check_norm(name, x, w):
@@ -1299,7 +1311,7 @@ class Attention(Function):
         qf, k, v, p, pd, dtype = self.q, self.k, self.v, self.p, self.pd, self.dtype
         B, Hkv, GT, D = qf.shape
         g = g.reshape(B, Hkv, GT, D)
-        rows = xp.einsum("...i,...i->...", g, self.y)[..., None]  # rowsum(dP P) = g . y
+        rows = _rowdot(g, self.y)  # rowsum(dP P) = g . y
         g = amp.low(g)
         gv = _bmm(pd, g, True, False, dtype)
         ds = _bmm(g, v, False, True, dtype)  # dP: a fresh array, updated in place
