@@ -949,7 +949,8 @@ def _ce_rows(z, t):
         return kernels.cross_entropy_forward(z, t, -1)
     xp = xp_of(z)
     m = z.max(axis=1, keepdims=True)
-    shifted_lse = xp.log(xp.exp(z - m).sum(axis=1))
+    e = z - m
+    shifted_lse = xp.log(xp.exp(e, out=e).sum(axis=1))
     rows = xp.arange(z.shape[0])
     # subtract the shifted target logit, not z[t] from lse: for large logits in float32,
     # lse - z[t] would lose the small loss to rounding at the logits' magnitude
@@ -961,9 +962,11 @@ def _ce_grad(z, t, lse, scale):
     if kernels.use(z):  # the same, in one pass
         return kernels.cross_entropy_backward(z, t, lse, scale)
     xp = xp_of(z)
-    p = xp.exp(z - lse[:, None])
+    p = z - lse[:, None]
+    xp.exp(p, out=p)  # softmax(z_i), in place
     p[xp.arange(p.shape[0]), t] -= 1
-    return p * scale[:, None]
+    p *= scale[:, None]
+    return p
 
 
 def _ce_row_weights(g, keep, count, reduction):
