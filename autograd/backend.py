@@ -158,7 +158,7 @@ def erf(x):
     except ImportError:
         import math
 
-        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+        return np.asarray(np.frompyfunc(math.erf, 1, 1)(x), dtype=x.dtype)  # 0-d gives a float
 
 
 # ---- random numbers ---------------------------------------------------------------------

@@ -409,3 +409,17 @@ def test_retain_grad_on_an_intermediate_used_before_the_call():
     y.backward()
     assert np.allclose(h.grad, 2 * 3.0 * np.array([1.0, 2.0, 3.0]))
     assert np.allclose(x.grad, 18.0 * np.array([1.0, 2.0, 3.0]))
+
+
+def test_erf_without_scipy_matches_math_erf(monkeypatch):
+    # SciPy is optional: without it erf falls back to math.erf elementwise, 0-d arrays included
+    import math
+    import sys
+
+    from autograd import backend
+
+    monkeypatch.setitem(sys.modules, "scipy.special", None)
+    for x in (np.array(0.5), np.array([[-1.5, 0.0], [0.25, 2.0]], np.float32)):
+        y = backend.erf(x)
+        assert isinstance(y, np.ndarray) and y.shape == x.shape and y.dtype == x.dtype
+        assert np.allclose(y, np.vectorize(math.erf)(x), rtol=1e-6)
