@@ -24,7 +24,6 @@ new tokens over the whole time, prefill included.
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import autograd  # noqa: E402
 from autograd.tensor import no_grad  # noqa: E402
 from tinyllm.generate import decode_steps  # noqa: E402
 from tinyllm.model import GPT  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 PROMPT_LEN = 16
 
@@ -185,16 +185,6 @@ def run_torch(tm, prompt, n, shift):
 
 
 # ---- main ----------------------------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,6 +22,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from machine import cpu_model  # benchmarks/machine.py
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +59,7 @@ def hf_train(text, vocab_size):
 
 
 def machine():
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
             f"{platform.system()}, {date}")

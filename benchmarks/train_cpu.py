@@ -17,7 +17,6 @@ for reuse (`autograd.backend.reuse_freed_memory`; it applies to both libraries h
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import autograd
 from autograd.optim import AdamW, clip_grad_norm
 from tinyllm.config import preset_config
 from tinyllm.model import GPT
+from machine import cpu_model  # benchmarks/machine.py
 
 # (preset, overrides, batch, block): the laptop preset as `tinyllm train` runs it, and the
 # nanoGPT shakespeare_char-sized model (6 x 384, context 256) at a CPU-sized batch, no dropout.
@@ -173,16 +173,6 @@ def bench_torch(cfg, B, T, steps, warmup):
     return time_steps(step, batches(cfg.vocab_size, B, T, steps + warmup), warmup), n
 
 
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case")
@@ -205,7 +195,7 @@ def main():
         threads = torch.get_num_threads()
     except ImportError:
         torch, threads = None, None
-    print(f"# {cpu_name()}, nproc {os.cpu_count()}, numpy {np.__version__}"
+    print(f"# {cpu_model()}, nproc {os.cpu_count()}, numpy {np.__version__}"
           + (f", torch {torch.__version__} ({threads} threads)" if torch else ", no torch")
           + f", malloc {'keeps freed memory' if reuse else 'default'}, {time.strftime('%Y-%m-%d')}")
     print("| model | params | batch x block | tinyllm tok/s | PyTorch tok/s | tinyllm / PyTorch |")
