@@ -287,28 +287,25 @@ def test_ascii_fast_split_equals_regex(text):
 
 # ---- OpenAI vocabularies against tiktoken ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def r50k():
+def _ours_and_tiktoken(filename, pattern, specials):
+    """Our tokenizer and tiktoken's, both built offline from the same rank file."""
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
-    path = shared("vocab", "r50k_base.tiktoken")
-    ours = Tokenizer.from_tiktoken(path)
-    theirs = tiktoken.Encoding(name="r50k_test", pat_str=GPT2_PATTERN,
+    path = shared("vocab", filename)
+    theirs = tiktoken.Encoding(name=f"{filename}_test", pat_str=pattern,
                                mergeable_ranks=load_tiktoken_bpe(str(path)),
-                               special_tokens={"<|endoftext|>": 50256})
-    return ours, theirs
+                               special_tokens=specials)
+    return Tokenizer.from_tiktoken(path), theirs
+
+
+@pytest.fixture(scope="module")
+def r50k():
+    return _ours_and_tiktoken("r50k_base.tiktoken", GPT2_PATTERN, {"<|endoftext|>": 50256})
 
 
 @pytest.fixture(scope="module")
 def cl100k():
-    tiktoken = pytest.importorskip("tiktoken")
-    from tiktoken.load import load_tiktoken_bpe
-    path = shared("vocab", "cl100k_base.tiktoken")
-    ours = Tokenizer.from_tiktoken(path)
-    theirs = tiktoken.Encoding(name="cl100k_test", pat_str=GPT4_PATTERN,
-                               mergeable_ranks=load_tiktoken_bpe(str(path)),
-                               special_tokens=SPECIALS_CL100K)
-    return ours, theirs
+    return _ours_and_tiktoken("cl100k_base.tiktoken", GPT4_PATTERN, SPECIALS_CL100K)
 
 
 @pytest.fixture(scope="module", params=["r50k", "cl100k"])
