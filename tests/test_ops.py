@@ -722,3 +722,19 @@ def test_attention_with_dropout(device):
     assert gradcheck(f, [leaf(a, device) for a in (q, k, v)])
     no_drop = ops.scaled_dot_product_attention(*(leaf(a, device) for a in (q, k, v)), dropout_p=0.4, training=False)
     np.testing.assert_allclose(no_drop.numpy(), _np_attention(q, k, v, True, None), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_in_query_blocks(dropout_p):
+    # T >= 128 runs the CPU path in query blocks that skip the masked keys; with grouped heads,
+    # a key/value cache (S > T) and a last block shorter than the others
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((1, 2, 130, 3)), rng.standard_normal((1, 1, 133, 3)), rng.standard_normal((1, 1, 133, 3))
+
+    def f(*t):  # the same dropout mask on every call
+        autograd.manual_seed(3)
+        return ops.scaled_dot_product_attention(*t, dropout_p=dropout_p)
+
+    assert gradcheck(f, [leaf(a, "cpu") for a in (q, k, v)], mode="fast")
+    if dropout_p == 0:
+        np.testing.assert_allclose(f(*(Tensor(a) for a in (q, k, v))).numpy(), _np_attention(q, k, v, True, None), rtol=1e-10)
