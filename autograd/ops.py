@@ -1292,7 +1292,7 @@ class Attention(Function):
         # the scaled q, so dK = dS^T (q scale) needs no scaling either
         qf = amp.low(q * xp.asarray(self.scale, q.dtype)).reshape(B, Hkv, G, T, D)
         k, v = amp.low(k), amp.low(v)
-        self.blocks = _query_blocks(T, S, self.causal)
+        self.blocks = _query_blocks(T, S, self.causal, xp)
         self.q, self.k, self.v, self.dtype, self.q_shape = qf, k, v, q.dtype, q.shape
         self.p, self.pd, self.mask = [], [], []
         y = xp.empty((B, Hkv, G, T, D), q.dtype)
@@ -1360,14 +1360,15 @@ class Attention(Function):
         return gq.reshape(self.q_shape), gk, gv
 
 
-def _query_blocks(T, S, causal):
+def _query_blocks(T, S, causal, xp):
     """Query blocks (q0, n, L): n queries from q0, which see the first L keys.
 
     Under causal masking the queries [q0, q0 + n) see the keys [0, q0 + n + S - T), so
     each block computes its scores, softmax and products on (n, L) instead of (n, S) and the
     masked upper triangle is skipped block by block. Below 128 queries one block (T, S); 32 queries a block
-    was fastest on one core (64: 3% slower at T = 256, 7% at T = 128)."""
-    if not causal or T < 128:
+    was fastest on one core (64: 3% slower at T = 256, 7% at T = 128). On the GPU (this path
+    runs there with dropout) one block: small blocks would mean many small kernel launches."""
+    if not causal or T < 128 or xp is not np:
         return [(0, T, S)]
     n = 32
     return [(q0, min(n, T - q0), min(S, q0 + n + S - T)) for q0 in range(0, T, n)]

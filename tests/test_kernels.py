@@ -236,3 +236,73 @@ def test_reference_attention_under_bfloat16_on_the_gpu(monkeypatch):
         z = ops.scaled_dot_product_attention(*ts, dropout_p=0.2)
         z.backward(z.xp.ones(z.shape, np.float32))
     assert np.isfinite(z.numpy()).all()
+
+
+def attention_float64(q, k, v, g, causal, scale):
+    """Attention and its gradients in float64 NumPy, written out from the math (no ops.py):
+    y = P v, P = softmax(q k^T scale + mask); dv = P^T g, dS = P (g v^T - rowsum(g y)),
+    dq = dS k scale, dk = dS^T q scale, with the G query heads of a kv head summed."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    kx, vx = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    s = q @ kx.swapaxes(-1, -2) * scale
+    if causal:
+        s = np.where(np.arange(S)[None, :] <= np.arange(T)[:, None] + S - T, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(s - m).sum(-1))
+    p = np.exp(s - lse[..., None])
+    y = p @ vx
+    ds = p * (g @ vx.swapaxes(-1, -2) - (g * y).sum(-1, keepdims=True))
+    dq = ds @ kx * scale
+    dk = (ds.swapaxes(-1, -2) @ q * scale).reshape(B, Hkv, G, S, D).sum(2)
+    dv = (p.swapaxes(-1, -2) @ g).reshape(B, Hkv, G, S, D).sum(2)
+    return y, lse.reshape(B * Hq, T), dq, dk, dv
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("heads,T,S,causal", [
+    ((2, 2), 7, 7, True), ((4, 2), 64, 64, True), ((3, 1), 130, 130, True), ((2, 2), 100, 100, False),
+    ((4, 4), 3, 70, True), ((2, 1), 65, 200, True),
+])
+def test_flash_attention_against_float64(dtype, D, heads, T, S, causal):
+    # the tensor-core kernels on bfloat16/float16 operands against the float64 math on the same
+    # rounded operands: what is left is the rounding of P and dS to the operand dtype
+    cp = backend.cupy_module()
+    low = backend.bfloat16() if dtype == "bfloat16" else np.dtype(np.float16)
+    rng = np.random.default_rng(T * S + D)
+    Hq, Hkv = heads
+    B = 2
+    q, k, v, g = (rng.standard_normal(s).astype(np.float32).astype(low)
+                  for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D), (B, Hq, T, D)))
+    scale = 1 / np.sqrt(D)
+    assert kernels.flash_supported(cp.asarray(q), cp.asarray(k))
+    want = attention_float64(*(a.astype(np.float64) for a in (q, k, v, g)), causal, scale)
+    y, lse = kernels.flash_attention_forward(cp.asarray(q), cp.asarray(k), cp.asarray(v), causal, scale)
+    grads = kernels.flash_attention_backward(cp.asarray(q), cp.asarray(k), cp.asarray(v), y, lse,
+                                             cp.asarray(g.astype(np.float32)), causal, scale)
+    tol = 2e-2 if dtype == "bfloat16" else 3e-3
+    for name, got, w in zip(("y", "lse", "dq", "dk", "dv"), (y, lse) + tuple(grads), want):
+        got = cp.asnumpy(got)
+        assert got.shape == w.shape and got.dtype == np.float32, name
+        err = np.abs(got - w).max() / np.abs(w).max()
+        assert err < tol, f"{name}: relative error {err:.3g}"
+
+
+def test_flash_attention_is_what_bfloat16_training_uses(monkeypatch):
+    # under bfloat16 autocast with head size 64, ops' attention runs the tensor-core kernels
+    # (forward and backward) and agrees with the float32 reference on the CPU
+    calls = []
+    for name in ("flash_attention_forward", "flash_attention_backward"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    rng = np.random.default_rng(5)
+    q, k, v = rand(rng, 1, 2, 80, 64), rand(rng, 1, 2, 80, 64), rand(rng, 1, 2, 80, 64)
+    want = ops.scaled_dot_product_attention(*[Tensor(a) for a in (q, k, v)]).numpy()
+    ts = [Tensor(a, device="cuda", requires_grad=True) for a in (q, k, v)]
+    with amp.autocast("bfloat16"):
+        y = ops.scaled_dot_product_attention(*ts)
+        y.backward(y.xp.ones(y.shape, np.float32))
+    assert calls == ["flash_attention_forward", "flash_attention_backward"]
+    assert np.abs(y.numpy() - want).max() < 2e-2
