@@ -496,20 +496,13 @@ def matmul(a, b):
     return MatMul().apply(a, b)
 
 
-def _mm(a, b, trans_a, trans_b, dtype):
-    """op(a) @ op(b) for 2-D a, b, returned in `dtype`.
+def _bmm(a, b, trans_a, trans_b, dtype):
+    """op(a) @ op(b) for 2-D a, b or stacks of them with equal leading axes, returned in `dtype`.
 
     On the GPU it goes through kernels.gemm, which writes float32 straight from bfloat16 or
-    float16 operands (no low-precision result to cast back); elsewhere a plain product.
+    float16 operands (no low-precision result to cast back; CuPy's own batched matmul does not
+    take bfloat16); elsewhere a plain product.
     """
-    if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
-        return kernels.gemm(a, b, trans_a, trans_b, out_dtype=dtype)[0]
-    return amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), dtype)
-
-
-def _bmm(a, b, trans_a, trans_b, dtype):
-    """Batched op(a) @ op(b) over equal leading axes, returned in `dtype` (as _mm; CuPy's own
-    batched matmul does not take bfloat16)."""
     if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
         lead = a.shape[:-2]
         y = kernels.gemm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]),
@@ -533,7 +526,7 @@ class Linear(Function):
         # (..., in) -> (rows, in) first: NumPy runs a stack of matrices times one matrix without
         # BLAS (20-60x slower on the CPU), while one 2-D product is a single GEMM.
         rows = self.x.reshape(-1, x.shape[-1])
-        y = _mm(rows, self.w, False, True, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        y = _bmm(rows, self.w, False, True, x.dtype).reshape(*x.shape[:-1], w.shape[0])
         if b is not None:
             y += b
         return y
@@ -544,9 +537,9 @@ class Linear(Function):
         gl = amp.low(g).reshape(-1, g.shape[-1])
         gx = gw = None
         if self.needs_grad[0]:
-            gx = _mm(gl, w, False, False, g.dtype).reshape(*g.shape[:-1], w.shape[1])
+            gx = _bmm(gl, w, False, False, g.dtype).reshape(*g.shape[:-1], w.shape[1])
         if self.needs_grad[1]:
-            gw = _mm(gl, x.reshape(-1, x.shape[-1]), True, False, g.dtype)
+            gw = _bmm(gl, x.reshape(-1, x.shape[-1]), True, False, g.dtype)
         gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if len(self.needs_grad) > 2 else None
         return gx, gw, gb
 
@@ -1040,7 +1033,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 
 
 def _mm_into(out, a, b, trans_a, trans_b, accumulate=False):
-    """out = op(a) @ op(b), or out += with accumulate, for 2-D a, b (the `_mm` of a buffer)."""
+    """out = op(a) @ op(b), or out += with accumulate, for 2-D a, b (`_bmm` into a buffer)."""
     if backend.is_cupy_array(a) and a.dtype != np.float64:  # cuBLAS GemmEx, fused or not
         kernels.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate)
         return
@@ -1083,7 +1076,7 @@ class LinearCrossEntropy(Function):
         n = self.x.shape[0]
         losses, self.lse = xp.empty(n, x.dtype), xp.empty(n, x.dtype)
         for c in self._chunks(n):
-            z = _mm(self.x[c], self.w, False, True, x.dtype)  # this chunk's logits x_c W^T
+            z = _bmm(self.x[c], self.w, False, True, x.dtype)  # this chunk's logits x_c W^T
             losses[c], self.lse[c] = _ce_rows(z, self.t[c])
         losses *= keep
         return _ce_reduce(self, losses, keep, x.shape[:-1], self.reduction)
@@ -1096,7 +1089,7 @@ class LinearCrossEntropy(Function):
         gx = xp.empty(x.shape, self.dtype) if self.needs_grad[0] else None
         gw = xp.zeros(w.shape, self.dtype) if self.needs_grad[1] else None
         for c in self._chunks(x.shape[0]):
-            z = _mm(x[c], w, False, True, self.dtype)  # recomputed, not saved
+            z = _bmm(x[c], w, False, True, self.dtype)  # recomputed, not saved
             dz = amp.low(_ce_grad(z, self.t[c], self.lse[c], r[c]))
             del z
             if gx is not None:
