@@ -1,9 +1,11 @@
 """autograd: a small reverse-mode automatic differentiation engine on NumPy or CuPy arrays.
 
+    import autograd
     from autograd import Tensor
     x = Tensor([[1.0, 2.0]], requires_grad=True)
     y = (x * x).sum()
     y.backward()        # x.grad == 2 * x
+    (gx,) = autograd.grad((x * x).sum(), [x])   # the same gradient, returned; .grad untouched
 
 It knows nothing of language models: Tensor and the graph walk (tensor.py), the ops with their
 backward (ops.py), array backends (backend.py), building blocks (nn.py), optimizers and
@@ -27,5 +29,7 @@ from autograd.ops import (
     sigmoid, silu, softmax, swiglu, split, sqrt, squeeze, stack, sub, sum, swapaxes, tanh,
     to_device, transpose, unsqueeze, var, where,
 )
-from autograd.tensor import Function, Tensor, arange, is_grad_enabled, no_grad, ones, randn, tensor, zeros
+from autograd.tensor import (
+    Function, Tensor, arange, grad, is_grad_enabled, no_grad, ones, randn, tensor, zeros,
+)
 from autograd import amp, nn, optim  # noqa: E402  (submodules, as autograd.nn etc.)

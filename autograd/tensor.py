@@ -6,35 +6,44 @@ creator. `Tensor.backward()` then walks the recorded graph once, in reverse topo
 calling each Function's `backward` with the gradient of its output and routing the returned
 input gradients to the inputs. The walk is iterative: a heap of Functions keyed on their
 generation (one more than the deepest input), so every consumer of a tensor is processed
-before its creator and deep graphs never touch Python's recursion limit.
+before its creator and deep graphs never touch Python's recursion limit. `grad(output,
+inputs)` runs the same walk but returns the inputs' gradients instead of adding to `.grad`.
+
+Threads: the grad mode (`no_grad`) is per thread, and a walk touches only its own graph
+(and, for `backward`, the leaves' `.grad`), so threads may build and differentiate separate
+graphs over shared parameters at once, each taking its gradients with `grad`.
 """
 
 import heapq
 import itertools
+import threading
 import weakref
 
 import numpy as np
 
 from autograd import backend
 
-_grad_enabled = True
+
+class _GradMode(threading.local):
+    enabled = True  # each thread starts with recording on
+
+
+_grad_mode = _GradMode()
 
 
 def is_grad_enabled():
-    return _grad_enabled
+    return _grad_mode.enabled
 
 
 class no_grad:
-    """Context manager and decorator: no graph is recorded inside."""
+    """Context manager and decorator: no graph is recorded inside (in this thread)."""
 
     def __enter__(self):
-        global _grad_enabled
-        self._prev = _grad_enabled
-        _grad_enabled = False
+        self._prev = _grad_mode.enabled
+        _grad_mode.enabled = False
 
     def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self._prev
+        _grad_mode.enabled = self._prev
 
     def __call__(self, fn):
         def wrapper(*args, **kwargs):
@@ -78,7 +87,7 @@ class Function:
             t.data if t is not None else _scalar_array(x, ref) for t, x in zip(tensors, inputs)
         ]
         needs = tuple(t is not None and t.requires_grad for t in tensors)
-        record = _grad_enabled and any(needs)
+        record = _grad_mode.enabled and any(needs)
         self.needs_grad = needs
         out = Tensor._wrap(self.forward(*arrays), requires_grad=record)
         if record:
@@ -226,61 +235,34 @@ class Tensor:
         Unless `retain_graph`, each Function drops its saved arrays once used, so the
         intermediate arrays are freed and a second backward through them raises.
         """
+        grad = self._output_grad(grad, "backward()")
+        if self._ctx is None:
+            self._accumulate(grad)
+            return
+        for x, g in _walk(self._ctx, grad, retain_graph):
+            if x._ctx is None:  # a leaf: keep the gradient
+                x._accumulate(g)
+                continue
+            t = x.tensor()
+            if t is not None and t._retain:
+                t._accumulate(g)
+
+    def _output_grad(self, grad, caller):
+        """The upstream gradient of the walk's start as an array of self's shape and dtype."""
         if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad")
+            raise RuntimeError(f"{caller} on a tensor that does not require grad")
         xp = self.xp
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(
-                    f"backward() on a tensor of shape {self.shape} needs an explicit gradient "
+                    f"{caller} on a tensor of shape {self.shape} needs an explicit gradient "
                     "(only one-element tensors get the implicit gradient 1)"
                 )
-            grad = xp.ones_like(self.data)
-        else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad)
-            if grad.shape != self.shape:
-                raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
-            grad = grad.astype(self.dtype, copy=False)
-        if self._ctx is None:
-            self._accumulate(grad)
-            return
-
-        order = itertools.count()  # tie-break so the heap never compares Functions
-        pending = {id(self._ctx): grad}  # Function -> gradient of its output
-        heap = [(-self._ctx.generation, next(order), self._ctx)]
-        while heap:
-            _, _, fn = heapq.heappop(heap)
-            if getattr(fn, "_freed", False):
-                raise RuntimeError(
-                    "backward through a graph a second time: its saved arrays were freed "
-                    "(pass retain_graph=True to the first backward)"
-                )
-            g_out = pending.pop(id(fn))
-            input_grads = fn.backward(g_out)
-            if not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
-            for x, g in zip(fn.inputs, input_grads):
-                if x is None or g is None:
-                    continue
-                g = backend.sum_to(g, x.shape)
-                if g.dtype != x.dtype:
-                    g = g.astype(x.dtype)
-                if x._ctx is None:  # a leaf: keep the gradient
-                    x._accumulate(g)
-                    continue
-                t = x.tensor()
-                if t is not None and t._retain:
-                    t._accumulate(g)
-                key = id(x._ctx)
-                if key in pending:
-                    pending[key] = pending[key] + g
-                else:
-                    pending[key] = g
-                    heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
-            if not retain_graph:
-                generation = fn.generation  # kept, so a later walk reaches the clear error below
-                fn.__dict__.clear()
-                fn.generation, fn._freed = generation, True
+            return xp.ones_like(self.data)
+        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad)
+        if grad.shape != self.shape:
+            raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+        return grad.astype(self.dtype, copy=False)
 
     def _accumulate(self, g):
         # A fresh array: the same gradient array may be routed to several inputs.
@@ -443,6 +425,92 @@ class Tensor:
 
     def split(self, sizes, axis=0):
         return ops.split(self, sizes, axis)
+
+
+def _walk(ctx, grad, retain_graph):
+    """The backward walk from the Function `ctx` whose output has gradient `grad`.
+
+    Yields (x, g) for every gradient g a Function hands to one of its inputs x: a leaf
+    tensor, or the _Edge of a non-leaf (several pieces for an input used several times; the
+    caller sums them). The pieces reaching a non-leaf's creator are summed here and passed
+    on. Every consumer of a tensor runs before its creator (the heap pops the deepest
+    generation first), so a creator sees its output's whole gradient.
+    """
+    order = itertools.count()  # tie-break so the heap never compares Functions
+    pending = {id(ctx): grad}  # Function -> gradient of its output
+    heap = [(-ctx.generation, next(order), ctx)]
+    while heap:
+        _, _, fn = heapq.heappop(heap)
+        if getattr(fn, "_freed", False):
+            raise RuntimeError(
+                "backward through a graph a second time: its saved arrays were freed "
+                "(pass retain_graph=True to the first backward)"
+            )
+        g_out = pending.pop(id(fn))
+        input_grads = fn.backward(g_out)
+        if not isinstance(input_grads, tuple):
+            input_grads = (input_grads,)
+        for x, g in zip(fn.inputs, input_grads):
+            if x is None or g is None:
+                continue
+            g = backend.sum_to(g, x.shape)
+            if g.dtype != x.dtype:
+                g = g.astype(x.dtype)
+            yield x, g
+            if x._ctx is None:
+                continue
+            key = id(x._ctx)
+            if key in pending:
+                pending[key] = pending[key] + g
+            else:
+                pending[key] = g
+                heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
+        if not retain_graph:
+            generation = fn.generation  # kept, so a later walk reaches the clear error above
+            fn.__dict__.clear()
+            fn.generation, fn._freed = generation, True
+
+
+def grad(output, inputs, grad_output=None, retain_graph=False, allow_unused=False):
+    """The gradients d(output)/d(input) for each tensor of `inputs`, as a list of arrays.
+
+    The same walk as `output.backward(grad_output)`, but no `.grad` is touched: the
+    gradients are returned (fresh arrays, summed over every use of an input). So several
+    threads can differentiate their own graphs over the same parameters at once and combine
+    the results as they choose. An input may be a leaf or an intermediate tensor; one that
+    the output does not depend on raises, or gets None with `allow_unused=True`.
+    """
+    if isinstance(inputs, Tensor):
+        raise TypeError("grad: inputs must be a list of tensors (wrap one tensor in a list)")
+    inputs = list(inputs)
+    slots = {}  # a leaf by id, a non-leaf by id of its creator (each Function has one output)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"grad: input {i} is a {type(t).__name__}, not a Tensor")
+        if not t.requires_grad:
+            raise RuntimeError(f"grad: input {i} (shape {t.shape}) does not require grad")
+        slots.setdefault(id(t) if t._ctx is None else id(t._ctx), []).append(i)
+    g0 = output._output_grad(grad_output, "grad()")
+    found = [None] * len(inputs)
+
+    def add(key, g):
+        for i in slots.get(key, ()):
+            found[i] = g.copy() if found[i] is None else found[i] + g
+
+    if output._ctx is None:
+        add(id(output), g0)
+    else:
+        add(id(output._ctx), g0)
+        for x, g in _walk(output._ctx, g0, retain_graph):
+            add(id(x) if x._ctx is None else id(x._ctx), g)
+    missing = [i for i, g in enumerate(found) if g is None]
+    if missing and not allow_unused:
+        i = missing[0]
+        raise RuntimeError(
+            f"grad: input {i} (shape {inputs[i].shape}) is not part of the output's graph "
+            "(it gets no gradient; pass allow_unused=True to get None for it)"
+        )
+    return found
 
 
 def tensor(data, requires_grad=False, dtype=None, device=None):
