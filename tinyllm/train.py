@@ -15,6 +15,9 @@ table), then the command line. The training loop is plain:
         optimizer.step(); optimizer.zero_grad()
         every log_every steps: one log line;  every eval_every: validation, checkpoints
 
+On a CPU with several cores each micro-batch is split along the batch axis and the slices
+run forward and backward on threads at once (`data_threads`; see `accumulate_grads`).
+
 The run folder gets config.json, tokenizer.json, metrics.jsonl (one JSON object per log line
 or evaluation), last.ckpt and best.ckpt (lowest validation loss). Batch k is a pure function
 of (seed, k) and the checkpoint holds the weights, optimizer moments, step and RNG state, so
@@ -23,12 +26,16 @@ saves last.ckpt and exits; a second Ctrl-C stops at once.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +90,9 @@ class TrainConfig:
     top_k: int | None = 40
     peak_flops: float | None = None  # for MFU on a GPU; None: guessed from the device name
     threads: int | None = None  # BLAS threads on the CPU; None: the library's default
+    # CPU: each micro-batch split over this many threads (see accumulate_grads); "auto": the
+    # usable cores (or `threads` when set), at most 4 and at most batch_size; 1: no split
+    data_threads: int | str = "auto"
     quiet: bool = False
 
     def to_dict(self):
@@ -101,7 +111,7 @@ class TrainConfig:
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
              "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data",
-             "threads"}
+             "threads", "data_threads"}
 
 
 def read_config_file(path):
@@ -192,37 +202,191 @@ def peak_flops_guess(device):
     return None
 
 
-def set_blas_threads(n):
-    """Set the thread count of the BLAS NumPy uses (OpenBLAS or MKL) at run time; returns
-    True when a library took it. Small models on a busy CPU train faster on 1 thread: idle
-    BLAS threads spin, and on an oversubscribed machine they steal the cores doing the work."""
+@functools.cache
+def _blas_libraries():
+    """(set, get) thread-count functions of each BLAS library loaded in this process
+    (OpenBLAS or MKL; get may be None), looked up in /proc/self/maps at the first call."""
     import ctypes
 
-    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-             "openblas_set_num_threads64_", "openblas_set_num_threads", "MKL_Set_Num_Threads")
-    libs = set()
+    names = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+             ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+             ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+             ("openblas_set_num_threads", "openblas_get_num_threads"),
+             ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"))
+    paths = set()
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "blas" in line.lower() or "mkl" in line.lower()}
+            paths = {line.split()[-1] for line in f if "blas" in line.lower() or "mkl" in line.lower()}
     except OSError:
         pass
-    done = False
-    for path in libs:
+    found = []
+    for path in sorted(paths):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in names:
-            if hasattr(lib, name):
-                getattr(lib, name)(int(n))
-                done = True
+        for set_name, get_name in names:
+            if hasattr(lib, set_name):
+                found.append((getattr(lib, set_name), getattr(lib, get_name, None)))
                 break
-    return done
+    return tuple(found)
+
+
+def set_blas_threads(n):
+    """Set the thread count of the BLAS NumPy uses (OpenBLAS or MKL) at run time; returns
+    True when a library took it. Small models on a busy CPU train faster on 1 thread: idle
+    BLAS threads spin, and on an oversubscribed machine they steal the cores doing the work."""
+    for set_threads, _ in _blas_libraries():
+        set_threads(int(n))
+    return bool(_blas_libraries())
+
+
+def blas_thread_count():
+    """The thread count of the first BLAS library found (None when unknown)."""
+    for _, get_threads in _blas_libraries():
+        if get_threads is not None:
+            return int(get_threads())
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Run the block with the BLAS on n threads, then give each library its own count back."""
+    libs = [(s, g) for s, g in _blas_libraries() if g is not None]
+    saved = [int(g()) for _, g in libs]
+    for set_threads, _ in libs:
+        set_threads(int(n))
+    try:
+        yield
+    finally:
+        for (set_threads, _), k in zip(libs, saved):
+            set_threads(k)
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def shard_count(setting, batch_size, device="cpu", dropout=0.0, threads=None):
+    """How many threads share each micro-batch (`data_threads`; see accumulate_grads).
+
+    "auto": the usable cores, or `threads` (the BLAS threads asked for) when given, at most 4
+    (past that the threads wait on each other for Python's lock); 1 on a GPU, where one
+    device runs the whole batch, and with dropout, whose masks come from one shared
+    generator (threads would draw from it in no fixed order). Never more than the batch.
+    """
+    if setting == "auto":
+        n = 1 if device != "cpu" or dropout > 0 else min(threads or usable_cores(), 4)
+    elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
+        n = setting
+        if n > 1 and device != "cpu":
+            raise ValueError(f"data_threads {n}: splitting a micro-batch over threads is for "
+                             f"the CPU; on {device} use data_threads 1 or auto")
+        if n > 1 and dropout > 0:
+            raise ValueError(f"data_threads {n} needs dropout 0 (got {dropout}): the dropout "
+                             "masks come from one generator that threads would draw from in no "
+                             "fixed order; use data_threads 1 or auto")
+    else:
+        raise ValueError(f"data_threads must be a positive integer or 'auto', not {setting!r}")
+    return max(1, min(n, batch_size))
 
 
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---- one optimizer step ------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # targets equal to this count for nothing (GPT.forward's ignore_index)
+
+
+def accumulate_grads(model, params, micro_batches, shards=1, scaler=None):
+    """Forward and backward of each (x, y) micro-batch, its loss weighted 1 / len(micro_batches)
+    (the mean over them), gradients added into each parameter's .grad; returns the mean loss.
+    `scaler`: a float16 GradScaler, whose scale multiplies the loss before backward.
+    `shards` > 1 splits each micro-batch along the batch axis over that many threads
+    (`_sharded_backward`)."""
+    weight = 1.0 / len(micro_batches)
+    total = 0.0
+    for x, y in micro_batches:
+        if shards > 1:
+            total += _sharded_backward(model, params, x, y, weight, shards, scaler)
+            continue
+        # the loss without the (tokens, vocab) logits: see GPT.forward(return_logits=False)
+        _, loss = model(x, y, return_logits=False)
+        if weight != 1:
+            loss = loss * weight
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
+    return total
+
+
+@functools.cache
+def _thread_pool(n):
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinyllm-shard")
+
+
+def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
+    """One micro-batch as `shards` slices of its rows, each slice's forward and backward
+    (autograd.grad, which leaves .grad alone) on its own thread; the slices' gradients are
+    then added into .grad in slice order. Returns the micro-batch's weighted mean loss.
+
+    Why: NumPy runs every elementwise op (softmax, norms, RoPE, SwiGLU, the loss) on one
+    core; only the matrix products use the BLAS's threads, and small products gain little
+    from them. NumPy and the BLAS release Python's lock inside their loops, so slices of the
+    batch on threads keep every core busy through the whole step. Meanwhile the BLAS runs
+    on 1 thread, so the slices do not compete with its threads for the cores.
+
+    The batch's mean loss is sum_i (n_i / n) mean_i over slices of n_i counted targets, so
+    slice i's loss is weighted by n_i / n. The slices' gradients are summed in a fixed order,
+    so a run is the same from one time to the next (it differs from the unsplit step in the
+    last bits, as the sums run in another order).
+    """
+    counts = [int((yi != IGNORE_INDEX).sum()) for yi in np.array_split(y, shards)]
+    n = sum(counts)
+    slices = [(xi, yi, c / n) for xi, yi, c in zip(np.array_split(x, shards),
+                                                   np.array_split(y, shards), counts) if c]
+    if not slices:  # every target ignored: the mean loss is nan, as in the unsplit step
+        slices = [(x, y, 1.0)]
+
+    def forward_backward(xi, yi, share):
+        _, loss = model(xi, yi, return_logits=False)
+        loss = loss * (weight * share)
+        grads = autograd.grad(scaler.scale(loss) if scaler else loss, params, allow_unused=True)
+        return loss.item(), grads
+
+    with blas_threads(1):
+        results = list(_thread_pool(shards).map(forward_backward, *zip(*slices)))
+    for k, p in enumerate(params):
+        grads = [g[k] for _, g in results if g[k] is not None]
+        if not grads:
+            continue
+        total = grads[0]  # a fresh array from autograd.grad: summed in place
+        for g in grads[1:]:
+            total += g
+        p.grad = total if p.grad is None else p.grad + total
+    return sum(loss for loss, _ in results)
+
+
+def apply_update(params, optimizer, clip, scaler=None):
+    """Clip the gradients' global norm to `clip` (0: no clipping), take the optimizer step and
+    zero the gradients; returns the norm before clipping. With a float16 GradScaler the
+    gradients are unscaled first, and a step whose gradients overflowed is skipped: the loss
+    scale is lowered, the weights are kept, and the norm returned is inf."""
+    if scaler and not scaler.unscale_(params):
+        scaler.update()
+        optimizer.zero_grad()
+        return math.inf
+    norm = clip_grad_norm(params, clip) if clip else grad_norm(params)
+    optimizer.step()
+    optimizer.zero_grad()
+    if scaler:
+        scaler.update()
+    return norm
 
 
 class Run:
@@ -259,6 +423,8 @@ class Run:
         self.val_starts = data_mod.eval_windows(self.dataset.val, self.block_size,
                                                 cfg.eval_iters * cfg.batch_size)
         self.params = self.model.parameters()
+        self.shards = shard_count(cfg.data_threads, cfg.batch_size, cfg.device,
+                                  self.model.config.dropout, cfg.threads)
         self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
@@ -364,32 +530,24 @@ class Run:
     def train_step(self):
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = self.batches.get(self.step * cfg.grad_accum + micro)
-            # the loss without the (tokens, vocab) logits: see GPT.forward(return_logits=False)
-            _, loss = self.model(self._dev(x), self._dev(y), return_logits=False)
-            if cfg.grad_accum > 1:
-                loss = loss * (1.0 / cfg.grad_accum)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"step {self.step}: loss is {loss_sum} (lower the learning "
+        first = self.step * cfg.grad_accum
+        micro = [tuple(self._dev(a) for a in self.batches.get(first + m))
+                 for m in range(cfg.grad_accum)]
+        loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {loss} (lower the learning "
                                      "rate, or resume from the last good checkpoint)")
-        if self.scaler and not self.scaler.unscale_(self.params):
-            # float16 overflow: skip this update, lower the loss scale, keep the weights
-            self.scaler.update()
-            self.optimizer.zero_grad()
-            self.step += 1
-            return loss_sum, lr, math.inf
-        norm = clip_grad_norm(self.params, cfg.clip) if cfg.clip else \
-            grad_norm(self.params)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        if self.scaler:
-            self.scaler.update()
+        norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
         self.step += 1
-        return loss_sum, lr, norm
+        return loss, lr, norm
+
+    def _threads_note(self):
+        if self.cfg.device != "cpu":
+            return ""
+        if self.shards > 1:
+            return f" (batch split over {self.shards} threads, 1 BLAS thread each)"
+        blas = blas_thread_count()
+        return f" ({blas} BLAS threads)" if blas else ""
 
     def fit(self):
         cfg = self.cfg
@@ -406,7 +564,7 @@ class Run:
         log(cfg, f"training {cfg.steps} steps of {self.tokens_per_step:,} tokens "
                  f"(batch {cfg.batch_size} x {self.block_size}"
                  f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}) on "
-                 f"{cfg.device}; run folder {self.run_dir}"
+                 f"{cfg.device}{self._threads_note()}; run folder {self.run_dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
         stop = {"flag": False}
 
@@ -626,6 +784,15 @@ def config_from_args(args):
     return TrainConfig.from_dict(settings, args.config or "command line")
 
 
+def _int_or_auto(v):
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {v!r}") from None
+
+
 def _parse_value(v):
     for conv in (int, float):
         try:
@@ -693,6 +860,9 @@ def register(subparsers):
     p.add_argument("--top-k", type=int)
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
     p.add_argument("--threads", type=int, help="BLAS threads on the CPU (default: the library's)")
+    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
+                   help="CPU: threads that share each micro-batch, 1 = no split (auto: the "
+                        "usable cores, at most 4)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.set_defaults(func=cmd_train)
     return p
