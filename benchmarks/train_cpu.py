@@ -4,11 +4,15 @@ A full training step on both sides: forward, cross-entropy, backward, global-nor
 AdamW (decoupled decay, no decay on vectors), zero grads. Tokens/s = batch * block / step time,
 the median over the timed steps after warmup steps. The PyTorch model below is written to
 match tinyllm's (same layers, shapes and tied embeddings; its own random weights).
+tinyllm's step is the one `tinyllm train` runs (tinyllm.train.accumulate_grads and
+apply_update), in the same mode: with data_threads "auto" on 2+ cores each batch is split over
+threads, 1 BLAS thread each; the "tinyllm mode" column says which (shards x BLAS threads).
 
     python benchmarks/train_cpu.py                 # both sizes
     python benchmarks/train_cpu.py --steps 5 --only laptop
     python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step
-    python benchmarks/train_cpu.py --threads 1     # NumPy's BLAS and torch on 1 thread each, top ops
+    python benchmarks/train_cpu.py --threads 1     # NumPy's BLAS and torch on 1 thread each
+    python benchmarks/train_cpu.py --data-threads 1  # tinyllm's batch not split (BLAS threads only)
 
 As `tinyllm train` does on the CPU, the process first asks glibc's malloc to keep freed memory
 for reuse (`autograd.backend.reuse_freed_memory`; it applies to both libraries here);
@@ -26,9 +30,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import autograd
-from autograd.optim import AdamW, clip_grad_norm
+from autograd.optim import AdamW
 from tinyllm.config import preset_config
 from tinyllm.model import GPT
+from tinyllm.train import accumulate_grads, apply_update, blas_thread_count, shard_count
 from machine import cpu_model  # benchmarks/machine.py
 
 # (preset, overrides, batch, block): the laptop preset as `tinyllm train` runs it, and the
@@ -135,18 +140,15 @@ def time_steps(step, data, warmup):
     return statistics.median(times)
 
 
-def bench_tinyllm(cfg, B, T, steps, warmup):
+def bench_tinyllm(cfg, B, T, steps, warmup, shards):
     autograd.manual_seed(0)
     model = GPT(cfg)
     params = model.parameters()
     opt = AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
-    def step(x, y):
-        _, loss = model(x, y)
-        loss.backward()
-        clip_grad_norm(params, 1.0)
-        opt.step()
-        opt.zero_grad()
+    def step(x, y):  # what Run.train_step does with one micro-batch
+        loss = accumulate_grads(model, params, [(x, y)], shards)
+        apply_update(params, opt, clip=1.0)
         return loss
 
     return time_steps(step, batches(cfg.vocab_size, B, T, steps + warmup), warmup), step, model
@@ -178,8 +180,12 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=list(CASES))
-    ap.add_argument("--profile", action="store_true", help="cProfile tinyllm's step")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile tinyllm's step (main thread only: add --data-threads 1 to see "
+                         "the ops of an unsplit batch)")
     ap.add_argument("--threads", type=int, help="threads for both (NumPy's BLAS and torch)")
+    ap.add_argument("--data-threads", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="tinyllm's data_threads setting, as in `tinyllm train` (default auto)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not call reuse_freed_memory (glibc returns large blocks to the OS)")
     args = ap.parse_args()
@@ -198,13 +204,16 @@ def main():
     print(f"# {cpu_model()}, nproc {os.cpu_count()}, numpy {np.__version__}"
           + (f", torch {torch.__version__} ({threads} threads)" if torch else ", no torch")
           + f", malloc {'keeps freed memory' if reuse else 'default'}, {time.strftime('%Y-%m-%d')}")
-    print("| model | params | batch x block | tinyllm tok/s | PyTorch tok/s | tinyllm / PyTorch |")
-    print("|---|---|---|---|---|---|")
+    print("| model | params | batch x block | tinyllm mode | tinyllm tok/s | PyTorch tok/s "
+          "| tinyllm / PyTorch |")
+    print("|---|---|---|---|---|---|---|")
     for name, (preset, over, B, T) in CASES.items():
         if args.only and name != args.only:
             continue
         cfg = preset_config(preset, **over)
-        t_ours, step, model = bench_tinyllm(cfg, B, T, args.steps, args.warmup)
+        shards = shard_count(args.data_threads, B, "cpu", cfg.dropout, args.threads)
+        mode = f"{shards} x {1 if shards > 1 else blas_thread_count() or '?'}"
+        t_ours, step, model = bench_tinyllm(cfg, B, T, args.steps, args.warmup, shards)
         ours = B * T / t_ours
         if torch is not None:
             t_torch, _ = bench_torch(cfg, B, T, args.steps, args.warmup)
@@ -214,7 +223,8 @@ def main():
         else:
             theirs, ratio = "-", "-"
         print(f"| {name} ({cfg.n_layers}x{cfg.d_model}, {'llama' if cfg.mlp == 'swiglu' else 'gpt2'}) "
-              f"| {model.num_parameters() / 1e6:.2f}M | {B} x {T} | {ours:,.0f} | {theirs} | {ratio} |",
+              f"| {model.num_parameters() / 1e6:.2f}M | {B} x {T} | {mode} | {ours:,.0f} | {theirs} "
+              f"| {ratio} |",
               flush=True)
         if args.profile:
             import cProfile
