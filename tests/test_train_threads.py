@@ -1,6 +1,6 @@
 """The training step with each micro-batch split over threads (tinyllm.train.accumulate_grads,
 data_threads): the same gradients and loss as the unsplit step, the same bits run to run,
-exact resume, and the rule that picks the thread count."""
+exact resume, validation on split batches, and the rule that picks the thread count."""
 
 import numpy as np
 import pytest
@@ -94,3 +94,7 @@ def test_resume_with_split_batches_is_bit_identical(tmp_path):
     a, b = full.model.state_dict(), resumed.model.state_dict()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # validation on split batches: the loss of the unsplit batches
+    split = full.evaluate()
+    full.shards = 1
+    assert split == pytest.approx(full.evaluate(), rel=1e-5)

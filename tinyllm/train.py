@@ -35,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,6 +330,18 @@ def _thread_pool(n):
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinyllm-shard")
 
 
+def run_slices(fn, slices):
+    """[fn(*args) for args in slices], the first on this thread and the others at the same
+    time on a pool's threads, with the BLAS on 1 thread meanwhile."""
+    with blas_threads(1):
+        others = [_thread_pool(len(slices) - 1).submit(fn, *a) for a in slices[1:]]
+        try:
+            first = fn(*slices[0])
+        finally:
+            wait(others)  # none outlives the BLAS setting
+        return [first] + [f.result() for f in others]
+
+
 def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
     """One micro-batch as `shards` slices of its rows, each slice's forward and backward
     (autograd.grad, which leaves .grad alone) on its own thread; the slices' gradients are
@@ -359,8 +371,7 @@ def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
         grads = autograd.grad(scaler.scale(loss) if scaler else loss, params, allow_unused=True)
         return loss.item(), grads
 
-    with blas_threads(1):
-        results = list(_thread_pool(shards).map(forward_backward, *zip(*slices)))
+    results = run_slices(forward_backward, slices)
     for k, p in enumerate(params):
         grads = [g[k] for _, g in results if g[k] is not None]
         if not grads:
@@ -514,12 +525,21 @@ class Run:
         self.model.eval()
         total, count = 0.0, 0
         B = self.cfg.batch_size
-        with autograd.no_grad():
-            for i in range(0, len(self.val_starts), B):
-                x, y = data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
+
+        def loss_sum(x, y):  # no_grad holds in the thread that enters it: each slice's own
+            with autograd.no_grad():
                 _, loss = self.model(self._dev(x), self._dev(y), return_logits=False)
-                total += loss.item() * len(x)
-                count += len(x)
+            return loss.item() * len(x)
+
+        for i in range(0, len(self.val_starts), B):
+            x, y = data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
+            if self.shards > 1:  # slices of the batch on threads, as in training
+                slices = [s for s in zip(np.array_split(x, self.shards),
+                                         np.array_split(y, self.shards)) if len(s[0])]
+                total += sum(run_slices(loss_sum, slices))
+            else:
+                total += loss_sum(x, y)
+            count += len(x)
         self.model.train()
         return total / count
 
