@@ -181,8 +181,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", choices=list(CASES))
     ap.add_argument("--profile", action="store_true",
-                    help="cProfile tinyllm's step (main thread only: add --data-threads 1 to see "
-                         "the ops of an unsplit batch)")
+                    help="cProfile tinyllm's step (the main thread's work: with a split batch, "
+                         "its first slice; --data-threads 1 for the whole batch)")
     ap.add_argument("--threads", type=int, help="threads for both (NumPy's BLAS and torch)")
     ap.add_argument("--data-threads", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="tinyllm's data_threads setting, as in `tinyllm train` (default auto)")
