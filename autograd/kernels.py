@@ -64,6 +64,18 @@ __device__ __forceinline__ void put(float* p, float x) { *p = x; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 __device__ __forceinline__ void put(__half* p, float x) { *p = __float2half(x); }
 
+// Attention dropout: element (bh, i, j) (query head bh, query i of T, key j of S) is kept when
+// the top 24 bits of splitmix64(seed + (bh T + i) S + j) are at least thr = p 2^24. Forward and
+// backward recompute the same mask; attention_dropout_keep is this function in NumPy.
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, long long bh, int i, int j,
+                                             int T, int S, unsigned int thr) {
+    unsigned long long z = seed + ((unsigned long long)bh * T + i) * S + j + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (unsigned int)(z >> 40) >= thr;
+}
+
 // Reductions over one thread block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float v) {
     __shared__ float part[32];
@@ -178,8 +190,10 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
 _ATTN_FWD = r"""
 // One block per query row: P[j] = exp(s_j * scale - lse) for the keys the row may see, else 0;
 // lse = log sum_j exp(s_j * scale). Row r of the block is query q0 + r % n of its head.
+// With dropout (thr > 0) P is written as dropped and rescaled: P[j] keep_j / (1 - p).
 extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* __restrict__ P,
-        float* __restrict__ lse, int n, int L, int T, int q0, int off, int causal, float scale) {
+        float* __restrict__ lse, int n, int L, int T, int q0, int off, int causal, float scale,
+        unsigned long long seed, unsigned int thr, float inv_keep) {
     long long r = blockIdx.x;
     int head = r / n, i = r % n;
     int limit = causal ? min(L, q0 + i + off + 1) : L;
@@ -191,18 +205,23 @@ extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* 
     float sum = 0.f;
     for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(s[j] * scale - m);
     float l = m + logf(block_sum(sum));
-    for (int j = threadIdx.x; j < L; j += blockDim.x) put(p + j, j < limit ? expf(s[j] * scale - l) : 0.f);
+    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+        float pj = j < limit ? expf(s[j] * scale - l) : 0.f;
+        if (thr) pj = dropout_keep(seed, head, q0 + i, j, T, T + off, thr) ? pj * inv_keep : 0.f;
+        put(p + j, pj);
+    }
     if (threadIdx.x == 0) lse[(long long)head * T + q0 + i] = l;
 }
 """
 
 _ATTN_BWD = r"""
 // P = exp(s * scale - lse) (0 where masked) and dS = P * (dP - D) * scale, D = rowsum(dO * O).
+// With dropout, Pd = P keep / (1 - p) is written for dV = Pd^T dO, and dP = dPd keep / (1 - p).
 // Rows along grid.y, columns along grid.x (no per-element integer division).
 extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const float* __restrict__ dP,
         const float* __restrict__ lse, const float* __restrict__ Drow, OUT_T* __restrict__ P,
         OUT_T* __restrict__ dS, long long rows, int n, int L, int T, int q0, int off, int causal,
-        float scale) {
+        float scale, unsigned long long seed, unsigned int thr, float inv_keep) {
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         int head = r / n, i = r % n;
         long long row = (long long)head * T + q0 + i;
@@ -210,9 +229,15 @@ extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const f
         int limit = causal ? min(L, q0 + i + off + 1) : L;
         for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < L; j += gridDim.x * blockDim.x) {
             long long idx = r * L + j;
-            float p = j < limit ? expf(S[idx] * scale - l) : 0.f;
-            put(P + idx, p);
-            put(dS + idx, p * (dP[idx] - d) * scale);
+            float p = j < limit ? expf(S[idx] * scale - l) : 0.f, dp = dP[idx];
+            if (thr) {
+                bool kept = dropout_keep(seed, head, q0 + i, j, T, T + off, thr);
+                put(P + idx, kept ? p * inv_keep : 0.f);
+                dp = kept ? dp * inv_keep : 0.f;
+            } else {
+                put(P + idx, p);
+            }
+            put(dS + idx, p * (dp - d) * scale);
         }
     }
 }
@@ -241,10 +266,29 @@ def _expand_kv(k, G):
     return k if G == 1 else _cp().repeat(k, G, axis=1)
 
 
-def attention_forward(q, k, v, causal, scale):
-    """y (B, Hq, T, D) float32 and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D)."""
+def _dropout_args(dropout_p, seed):
+    """(seed, thr, 1 / (1 - p)) for the kernels; thr = 0 turns dropout off."""
+    return np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))), np.float32(1 / (1 - dropout_p))
+
+
+def attention_dropout_keep(seed, BH, T, S, dropout_p):
+    """The fused kernels' attention dropout mask (BH, T, S) in NumPy: the definition the
+    kernels' dropout_keep computes element by element (splitmix64 of the element's index)."""
+    u = np.uint64
+    idx = ((np.arange(BH, dtype=u)[:, None, None] * u(T) + np.arange(T, dtype=u)[:, None]) * u(S)
+           + np.arange(S, dtype=u))
+    z = idx + u(seed) + u(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> u(30))) * u(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> u(27))) * u(0x94D049BB133111EB)
+    z ^= z >> u(31)
+    return (z >> u(40)) >= u(int(dropout_p * (1 << 24)))
+
+
+def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
+    """y (B, Hq, T, D) float32 and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D).
+    With dropout_p > 0 the probabilities are dropped by attention_dropout_keep(seed, ...)."""
     if flash_supported(q, k):
-        return flash_attention_forward(q, k, v, causal, scale)
+        return flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
     cp = _cp()
     B, Hq, T, D = q.shape
     S, G = k.shape[2], Hq // k.shape[1]
@@ -259,15 +303,17 @@ def attention_forward(q, k, v, causal, scale):
         s = gemm(qf[:, q0:q0 + n], kf[:, :L], trans_b=True)
         p = cp.empty((BH, n, L), q.dtype)
         fwd((BH * n,), (256,), (s, p, lse, np.int32(n), np.int32(L), np.int32(T), np.int32(q0),
-                                np.int32(S - T), np.int32(causal), np.float32(scale)))
+                                np.int32(S - T), np.int32(causal), np.float32(scale),
+                                *_dropout_args(dropout_p, seed)))
         gemm(p, vf[:, :L], out=y[:, q0:q0 + n])
     return y.reshape(B, Hq, T, D), lse
 
 
-def attention_backward(q, k, v, y, lse, g, causal, scale):
-    """dq, dk, dv (float32) from the saved q, k, v (any of the three dtypes), y, lse."""
+def attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
+    """dq, dk, dv (float32) from the saved q, k, v (any of the three dtypes), y, lse; the same
+    dropout_p and seed as the forward."""
     if flash_supported(q, k):
-        return flash_attention_backward(q, k, v, y, lse, g, causal, scale)
+        return flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p, seed)
     cp = _cp()
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -291,7 +337,7 @@ def attention_backward(q, k, v, y, lse, g, causal, scale):
         ds = cp.empty((BH, n, L), q.dtype)
         bwd(_grid2(BH * n, L), (256,), (s, dp, lse, drow, p, ds, np.int64(BH * n), np.int32(n),
                                    np.int32(L), np.int32(T), np.int32(q0), np.int32(S - T),
-                                   np.int32(causal), np.float32(scale)))
+                                   np.int32(causal), np.float32(scale), *_dropout_args(dropout_p, seed)))
         del s, dp
         gemm(p, gb, trans_a=True, out=dv[:, :L], accumulate=True)   # dV += P^T dO
         gemm(ds, qb, trans_a=True, out=dk[:, :L], accumulate=True)  # dK += dS^T Q
@@ -441,7 +487,7 @@ __device__ __forceinline__ void store_rows(float* dst, float (*acc)[4], int r, i
 extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         float* __restrict__ O, float* __restrict__ lse, int Hq, int G, int T, int S, int causal,
-        float scale) {
+        float scale, unsigned long long seed, u32 thr, float inv_keep) {
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
@@ -500,6 +546,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
         }
         l0 = l0 * c0 + p0;  // this thread's share of the row sum; the quad adds them at the end
         l1 = l1 * c1 + p1;
+        if (thr) {  // dropout acts on P after the softmax's sums: P V becomes Pd V
+            #pragma unroll
+            for (int n = 0; n < NT; ++n)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (!dropout_keep(seed, bh, r + (e >> 1) * 8, k0 + n * 8 + 2 * t + (e & 1), T, S, thr)) s[n][e] = 0.f;
+                    else s[n][e] *= inv_keep;
+        }
         #pragma unroll
         for (int nd = 0; nd < ND; ++nd) { o[nd][0] *= c0; o[nd][1] *= c0; o[nd][2] *= c1; o[nd][3] *= c1; }
         mm_acc(o, s, sV[buf], lane);
@@ -522,7 +576,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
         float* __restrict__ dK, float* __restrict__ dV, int Hq, int G, int T, int S, int causal,
-        float scale) {
+        float scale, unsigned long long seed, u32 thr, float inv_keep) {
     __shared__ __align__(16) elem sQ[2][TILE * LD];
     __shared__ __align__(16) elem sG[2][TILE * LD];
     __shared__ float sL[2][TILE], sD[2][TILE];
@@ -563,6 +617,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
         }
         __syncthreads();
         int q0 = qstart + (s % nq) * TILE;
+        long long bh = (long long)b * Hq + hk * G + s / nq;
         float p[NT][4], ds[NT][4];
         mm_tile(p, ka, sQ[buf], lane);   // S^T: keys x queries
         mm_tile(ds, va, sG[buf], lane);  // dP^T
@@ -573,9 +628,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
             for (int e = 0; e < 4; ++e) {
                 int ci = n * 8 + 2 * t + (e & 1), j = r + (e >> 1) * 8;
                 bool masked = edge && j > q0 + ci + off;
-                float pv = masked ? 0.f : exp2f(p[n][e] * sl - sL[buf][ci]);
+                float pv = masked ? 0.f : exp2f(p[n][e] * sl - sL[buf][ci]), dp = ds[n][e];
                 p[n][e] = pv;
-                ds[n][e] = pv * (ds[n][e] - sD[buf][ci]) * scale;
+                if (thr) {  // dV = Pd^T dO, dP = dPd keep / (1 - p)
+                    bool kept = dropout_keep(seed, bh, q0 + ci, j, T, S, thr);
+                    p[n][e] = kept ? pv * inv_keep : 0.f;
+                    dp = kept ? dp * inv_keep : 0.f;
+                }
+                ds[n][e] = pv * (dp - sD[buf][ci]) * scale;
             }
         }
         mm_acc(dv, p, sG[buf], lane);
@@ -591,7 +651,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
 extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
-        float* __restrict__ dQ, int Hq, int G, int T, int S, int causal, float scale) {
+        float* __restrict__ dQ, int Hq, int G, int T, int S, int causal, float scale,
+        unsigned long long seed, u32 thr, float inv_keep) {
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
@@ -636,8 +697,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
                 int j = k0 + n * 8 + 2 * t + (e & 1), i = r + (e >> 1) * 8;
                 bool hi = e >> 1;
                 bool masked = edge && (j >= S || (causal && j > i + off));
-                float pv = masked ? 0.f : exp2f(p[n][e] * sl - (hi ? L1 : L0));
-                ds[n][e] = pv * (ds[n][e] - (hi ? D1 : D0)) * scale;
+                float pv = masked ? 0.f : exp2f(p[n][e] * sl - (hi ? L1 : L0)), dp = ds[n][e];
+                if (thr) dp = dropout_keep(seed, bh, i, j, T, S, thr) ? dp * inv_keep : 0.f;
+                ds[n][e] = pv * (dp - (hi ? D1 : D0)) * scale;
             }
         }
         mm_acc(dq, ds, sK[buf], lane);
@@ -684,7 +746,7 @@ def _flash_args(q, k):
     return (np.int32(Hq), np.int32(Hq // k.shape[1]), np.int32(T), np.int32(k.shape[2]))
 
 
-def flash_attention_forward(q, k, v, causal, scale):
+def flash_attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
     """y (B, Hq, T, D) float32 and lse (B*Hq, T) on tensor cores; q, k, v bfloat16 or float16."""
     cp = _cp()
     q, k, v = (_aligned(a) for a in (q, k, v))
@@ -693,11 +755,12 @@ def flash_attention_forward(q, k, v, causal, scale):
     lse = cp.empty((B * Hq, T), np.float32)
     _flash("flash_fwd", q.dtype, D)(
         ((T + 63) // 64, B * Hq), (128,),
-        (q, k, v, y, lse, *_flash_args(q, k), np.int32(causal), np.float32(scale)))
+        (q, k, v, y, lse, *_flash_args(q, k), np.int32(causal), np.float32(scale),
+         *_dropout_args(dropout_p, seed)))
     return y, lse
 
 
-def flash_attention_backward(q, k, v, y, lse, g, causal, scale):
+def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
     """dq, dk, dv (float32) for the saved q, k, v (bfloat16 or float16), y and lse."""
     cp = _cp()
     q, k, v = (_aligned(a) for a in (q, k, v))
@@ -709,7 +772,7 @@ def flash_attention_backward(q, k, v, y, lse, g, causal, scale):
     dq = cp.empty((B, Hq, T, D), np.float32)
     dk = cp.empty((B, Hkv, S, D), np.float32)
     dv = cp.empty((B, Hkv, S, D), np.float32)
-    args = _flash_args(q, k) + (np.int32(causal), np.float32(scale))
+    args = _flash_args(q, k) + (np.int32(causal), np.float32(scale)) + _dropout_args(dropout_p, seed)
     _flash("flash_bwd_kv", q.dtype, D)(((S + 63) // 64, B * Hkv), (128,),
                                         (q, k, v, gl, lse, drow, dk, dv, *args))
     _flash("flash_bwd_q", q.dtype, D)(((T + 63) // 64, B * Hq), (128,),

@@ -1272,11 +1272,15 @@ class Attention(Function):
         # which NumPy would run without BLAS.
         # The two products run in amp's matrix-product dtype; the softmax runs in q's dtype.
         xp = xp_of(q)
-        if kernels.use(q, k, v) and self.dropout_p == 0:
-            # blockwise on the GPU: P is never stored whole; backward recomputes it
+        if kernels.use(q, k, v):
+            # fused on the GPU: P is never stored whole; backward recomputes it. Dropout's mask
+            # is a hash of (seed, element), recomputed too; the seed comes from the CPU
+            # generator (no device sync, and a checkpoint's generator state fixes it).
             self.fused = True
+            self.seed = int(backend.rng("cpu").integers(1 << 63)) if self.dropout_p > 0 else 0
             self.q, self.k, self.v = amp.low(q), amp.low(k), amp.low(v)
-            self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale)
+            self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale,
+                                                         self.dropout_p, self.seed)
             return self.y
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
@@ -1328,7 +1332,7 @@ class Attention(Function):
         xp = xp_of(g)
         if getattr(self, "fused", False):
             return kernels.attention_backward(self.q, self.k, self.v, self.y, self.lse, g,
-                                              self.causal, self.scale)
+                                              self.causal, self.scale, self.dropout_p, self.seed)
         qf, k, v, dtype = self.q, self.k, self.v, self.dtype
         B, Hkv, G, T, D = qf.shape
         g = g.reshape(B, Hkv, G, T, D)
@@ -1360,7 +1364,8 @@ def _query_blocks(T, S, causal, xp):
     each block computes its scores, softmax and products on (n, L) instead of (n, S) and the
     masked upper triangle is skipped block by block. Below 128 queries one block (T, S); 32 queries a block
     was fastest on one core (64: 3% slower at T = 256, 7% at T = 128). On the GPU (this path
-    runs there with dropout) one block: small blocks would mean many small kernel launches."""
+    runs there for float64, or with TINYLLM_FUSED=0) one block: small blocks would mean many
+    small kernel launches."""
     if not causal or T < 128 or xp is not np:
         return [(0, T, S)]
     n = 32

@@ -220,7 +220,7 @@ def test_clip_scales_every_array_in_one_launch():
 
 
 def test_reference_attention_under_bfloat16_on_the_gpu(monkeypatch):
-    # with dropout (or TINYLLM_FUSED=0) attention takes the reference path, whose batched
+    # with TINYLLM_FUSED=0 attention takes the reference path, whose batched
     # bfloat16 products go through kernels.gemm: close to float32
     rng = np.random.default_rng(9)
     q, k, v = rand(rng, 2, 4, 32, 16), rand(rng, 2, 2, 32, 16), rand(rng, 2, 2, 32, 16)
@@ -238,10 +238,12 @@ def test_reference_attention_under_bfloat16_on_the_gpu(monkeypatch):
     assert np.isfinite(z.numpy()).all()
 
 
-def attention_float64(q, k, v, g, causal, scale):
+def attention_float64(q, k, v, g, causal, scale, drop=None):
     """Attention and its gradients in float64 NumPy, written out from the math (no ops.py):
     y = P v, P = softmax(q k^T scale + mask); dv = P^T g, dS = P (g v^T - rowsum(g y)),
-    dq = dS k scale, dk = dS^T q scale, with the G query heads of a kv head summed."""
+    dq = dS k scale, dk = dS^T q scale, with the G query heads of a kv head summed.
+    With dropout, drop = keep / (1 - p) of shape (B, Hq, T, S): y = (P drop) v,
+    dv = (P drop)^T g, dS = P (g v^T drop - rowsum(g y))."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -252,11 +254,13 @@ def attention_float64(q, k, v, g, causal, scale):
     m = s.max(-1, keepdims=True)
     lse = m[..., 0] + np.log(np.exp(s - m).sum(-1))
     p = np.exp(s - lse[..., None])
-    y = p @ vx
-    ds = p * (g @ vx.swapaxes(-1, -2) - (g * y).sum(-1, keepdims=True))
+    pd = p if drop is None else p * drop
+    y = pd @ vx
+    dp = g @ vx.swapaxes(-1, -2)
+    ds = p * ((dp if drop is None else dp * drop) - (g * y).sum(-1, keepdims=True))
     dq = ds @ kx * scale
     dk = (ds.swapaxes(-1, -2) @ q * scale).reshape(B, Hkv, G, S, D).sum(2)
-    dv = (p.swapaxes(-1, -2) @ g).reshape(B, Hkv, G, S, D).sum(2)
+    dv = (pd.swapaxes(-1, -2) @ g).reshape(B, Hkv, G, S, D).sum(2)
     return y, lse.reshape(B * Hq, T), dq, dk, dv
 
 
@@ -306,3 +310,48 @@ def test_flash_attention_is_what_bfloat16_training_uses(monkeypatch):
         y.backward(y.xp.ones(y.shape, np.float32))
     assert calls == ["flash_attention_forward", "flash_attention_backward"]
     assert np.abs(y.numpy() - want).max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,T,S,causal", [((2, 2), 100, 100, True), ((4, 2), 64, 64, False),
+                                              ((2, 1), 33, 90, True)])
+def test_fused_attention_dropout_against_float64(dtype, heads, T, S, causal):
+    # dropout inside the fused kernels (float32: the blockwise path; bfloat16: the tensor-core
+    # kernels) against the float64 math with the mask of attention_dropout_keep, the NumPy
+    # definition of the kernels' hash
+    cp = backend.cupy_module()
+    low = np.dtype(np.float32) if dtype == "float32" else backend.bfloat16()
+    rng = np.random.default_rng(T + S)
+    Hq, Hkv = heads
+    B, D, p, seed = 2, 32, 0.2, 12345
+    q, k, v, g = (rng.standard_normal(s).astype(np.float32).astype(low)
+                  for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D), (B, Hq, T, D)))
+    keep = kernels.attention_dropout_keep(seed, B * Hq, T, S, p).reshape(B, Hq, T, S)
+    assert abs(keep.mean() - (1 - p)) < 0.01
+    want = attention_float64(*(a.astype(np.float64) for a in (q, k, v, g)), causal, 1 / np.sqrt(D),
+                             drop=keep / (1 - p))
+    args = (cp.asarray(q), cp.asarray(k), cp.asarray(v))
+    y, lse = kernels.attention_forward(*args, causal, 1 / np.sqrt(D), p, seed)
+    grads = kernels.attention_backward(*args, y, lse, cp.asarray(g.astype(np.float32)), causal,
+                                       1 / np.sqrt(D), p, seed)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for name, got, w in zip(("y", "lse", "dq", "dk", "dv"), (y, lse) + tuple(grads), want):
+        err = np.abs(cp.asnumpy(got) - w).max() / np.abs(w).max()
+        assert err < tol, f"{name}: relative error {err:.3g}"
+
+
+def test_attention_dropout_on_the_gpu_follows_the_seed():
+    # through ops: the same seed gives the same output, the next call a different mask;
+    # gradients stay finite and float32
+    rng = np.random.default_rng(3)
+    q, k, v = rand(rng, 2, 2, 70, 32), rand(rng, 2, 2, 70, 32), rand(rng, 2, 2, 70, 32)
+    ts = [Tensor(a, device="cuda", requires_grad=True) for a in (q, k, v)]
+    outs = []
+    for seed in (7, 7):
+        autograd.manual_seed(seed)
+        outs.append(ops.scaled_dot_product_attention(*ts, dropout_p=0.3).numpy())
+    again = ops.scaled_dot_product_attention(*ts, dropout_p=0.3)
+    again.backward(again.xp.ones(again.shape, np.float32))
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.allclose(again.numpy(), outs[0])
+    assert all(t.grad.dtype == np.float32 and bool(t.xp.isfinite(t.grad).all()) for t in ts)

@@ -738,3 +738,28 @@ def test_attention_in_query_blocks(dropout_p):
     assert gradcheck(f, [leaf(a, "cpu") for a in (q, k, v)], mode="fast")
     if dropout_p == 0:
         np.testing.assert_allclose(f(*(Tensor(a) for a in (q, k, v))).numpy(), _np_attention(q, k, v, True, None), rtol=1e-10)
+
+
+def test_fused_attention_dropout_mask_definition():
+    # the NumPy definition of the GPU kernels' attention-dropout mask: splitmix64 of
+    # seed + (bh T + i) S + j, kept when its top 24 bits are >= p 2^24; checked against the
+    # same hash in Python integers, and for the kept fraction
+    from autograd.kernels import attention_dropout_keep
+
+    def splitmix64(x):
+        m = (1 << 64) - 1
+        z = (x + 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    seed, BH, T, S, p = 2**62 + 99, 3, 5, 7, 0.4
+    keep = attention_dropout_keep(seed, BH, T, S, p)
+    assert keep.shape == (BH, T, S) and keep.dtype == bool
+    for bh, i, j in [(0, 0, 0), (2, 4, 6), (1, 3, 2), (2, 0, 5)]:
+        z = splitmix64(seed + (bh * T + i) * S + j)
+        assert keep[bh, i, j] == ((z >> 40) >= int(p * 2**24))
+    big = attention_dropout_keep(1, 8, 128, 128, 0.2)
+    assert abs(big.mean() - 0.8) < 0.006
+    assert not np.array_equal(big, attention_dropout_keep(2, 8, 128, 128, 0.2))
+    assert attention_dropout_keep(5, 2, 4, 4, 0.0).all()
