@@ -1054,8 +1054,12 @@ class LinearCrossEntropy(Function):
         dz_c = (softmax(z_c) - onehot(t_c)) * r_c          (as in CrossEntropy)
         dx_c = dz_c W                                      (z = x W^T, as in Linear)
         dW  += dz_c^T x_c                                  (summed over the chunks)
-    so the largest array alive is one chunk of logits, (chunk_rows, V).
+    so the largest array alive is one chunk of logits, (chunk_rows, V). When all the logits
+    are one chunk of at most KEEP_LOGITS numbers (small models), forward keeps them and
+    backward skips the recomputing product.
     """
+
+    KEEP_LOGITS = 1 << 23  # 32 MB of float32
 
     def __init__(self, targets, ignore_index, reduction, chunk_rows):
         self.targets, self.ignore_index = targets, ignore_index
@@ -1075,9 +1079,12 @@ class LinearCrossEntropy(Function):
         self.t = xp.where(keep, t, 0)
         n = self.x.shape[0]
         losses, self.lse = xp.empty(n, x.dtype), xp.empty(n, x.dtype)
+        self.z = None
         for c in self._chunks(n):
             z = _bmm(self.x[c], self.w, False, True, x.dtype)  # this chunk's logits x_c W^T
             losses[c], self.lse[c] = _ce_rows(z, self.t[c])
+            if n <= self.chunk_rows and z.size <= self.KEEP_LOGITS:
+                self.z = z  # one small chunk: kept for backward
         losses *= keep
         return _ce_reduce(self, losses, keep, x.shape[:-1], self.reduction)
 
@@ -1089,7 +1096,7 @@ class LinearCrossEntropy(Function):
         gx = xp.empty(x.shape, self.dtype) if self.needs_grad[0] else None
         gw = xp.zeros(w.shape, self.dtype) if self.needs_grad[1] else None
         for c in self._chunks(x.shape[0]):
-            z = _bmm(x[c], w, False, True, self.dtype)  # recomputed, not saved
+            z = self.z if self.z is not None else _bmm(x[c], w, False, True, self.dtype)  # recomputed
             dz = amp.low(_ce_grad(z, self.t[c], self.lse[c], r[c]))
             del z
             if gx is not None:

@@ -590,6 +590,25 @@ def test_linear_cross_entropy_float32_keeps_its_dtype_and_default_chunks():
     np.testing.assert_allclose(loss.item(), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows,keep_logits,products", [(None, 1 << 23, 1), (4, 1 << 23, 4), (None, 10, 2)])
+def test_linear_cross_entropy_keeps_small_logits(monkeypatch, chunk_rows, keep_logits, products):
+    # one chunk of at most KEEP_LOGITS logits is kept for backward (one logits product in all);
+    # several chunks, or too many logits, are recomputed in backward (one more product each)
+    calls = []
+    real = ops._bmm
+    monkeypatch.setattr(ops, "_bmm", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(ops.LinearCrossEntropy, "KEEP_LOGITS", keep_logits)
+    rng = np.random.default_rng(2)
+    x, w = leaf(rng.standard_normal((2, 3, 4)), "cpu"), leaf(rng.standard_normal((5, 4)), "cpu")
+    t = rng.integers(0, 5, (2, 3))
+    ops.linear_cross_entropy(x, w, t, chunk_rows=chunk_rows).backward()
+    assert len(calls) == products
+    want = _loss_and_grads(lambda x, w: ops.cross_entropy(ops.linear(x, w), t), x.numpy(), w.numpy(),
+                           np.array(1.0), "cpu")
+    np.testing.assert_allclose(x.grad, want[1], rtol=1e-12)
+    np.testing.assert_allclose(w.grad, want[2], rtol=1e-12)
+
+
 def test_linear_cross_entropy_mean_of_all_ignored_is_nan():
     x, w = leaf(np.ones((2, 3)), "cpu"), leaf(np.ones((4, 3)), "cpu")
     with np.errstate(invalid="ignore"):
