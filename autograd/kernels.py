@@ -426,6 +426,21 @@ __device__ __forceinline__ void load_tile(const elem* src, int r0, int n, elem* 
 __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 
+// In a loop over key tiles k0 = 0, TILE, .. < kend whose tile k0 was staged into buffer buf:
+// start copying tile k0 + TILE into the other buffer, then wait until tile k0 has arrived.
+__device__ __forceinline__ void kv_tiles_ready(const elem* k, const elem* v, int k0, int kend, int S,
+                                               elem (*sK)[TILE * LD], elem (*sV)[TILE * LD], int buf) {
+    if (k0 + TILE < kend) {
+        load_tile(k, k0 + TILE, S, sK[buf ^ 1]);
+        load_tile(v, k0 + TILE, S, sV[buf ^ 1]);
+        commit();
+        wait<1>();
+    } else {
+        wait<0>();
+    }
+    __syncthreads();
+}
+
 // A fragments (16 rows x D) of rows r, r + 8 of a (n, D) matrix in global memory.
 __device__ __forceinline__ void load_a(const elem* src, int r, int n, int t, u32 (*a)[4]) {
     #pragma unroll
@@ -497,7 +512,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int q0 = blockIdx.x * TILE, r = q0 + (threadIdx.x >> 5) * 16 + g, off = S - T;
     int kend = causal ? min(S, q0 + TILE + off) : S;
-    load_tile(k, 0, S, sK[0]);
+    load_tile(k, 0, S, sK[0]);  // the first key tile; the loop stages each next one
     load_tile(v, 0, S, sV[0]);
     commit();
     u32 qa[KD][4];
@@ -508,15 +523,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), sum
     float sl = scale * LOG2E;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += TILE, buf ^= 1) {
-        if (k0 + TILE < kend) {
-            load_tile(k, k0 + TILE, S, sK[buf ^ 1]);
-            load_tile(v, k0 + TILE, S, sV[buf ^ 1]);
-            commit();
-            wait<1>();
-        } else {
-            wait<0>();
-        }
-        __syncthreads();
+        kv_tiles_ready(k, v, k0, kend, S, sK, sV, buf);
         float s[NT][4];
         mm_tile(s, qa, sK[buf], lane);
         bool edge = k0 + TILE > S || (causal && k0 + TILE - 1 > q0 + off);  // a tile with masked keys
@@ -662,7 +669,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int q0 = blockIdx.x * TILE, r = q0 + (threadIdx.x >> 5) * 16 + g, off = S - T;
     int kend = causal ? min(S, q0 + TILE + off) : S;
-    load_tile(k, 0, S, sK[0]);
+    load_tile(k, 0, S, sK[0]);  // the first key tile; the loop stages each next one
     load_tile(v, 0, S, sV[0]);
     commit();
     u32 qa[KD][4], ga[KD][4];
@@ -677,15 +684,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
     #pragma unroll
     for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += TILE, buf ^= 1) {
-        if (k0 + TILE < kend) {
-            load_tile(k, k0 + TILE, S, sK[buf ^ 1]);
-            load_tile(v, k0 + TILE, S, sV[buf ^ 1]);
-            commit();
-            wait<1>();
-        } else {
-            wait<0>();
-        }
-        __syncthreads();
+        kv_tiles_ready(k, v, k0, kend, S, sK, sV, buf);
         float p[NT][4], ds[NT][4];
         mm_tile(p, qa, sK[buf], lane);
         mm_tile(ds, ga, sV[buf], lane);
