@@ -9,7 +9,8 @@
 
 It knows nothing of language models: Tensor and the graph walk (tensor.py), the ops with their
 backward (ops.py), array backends (backend.py), building blocks (nn.py), optimizers and
-learning-rate schedules (optim.py), and gradient checking (gradcheck.py, testing.py).
+learning-rate schedules (optim.py), activation checkpointing (checkpoint.py), and gradient
+checking (gradcheck.py, testing.py).
 """
 
 from autograd import backend
@@ -30,6 +31,7 @@ from autograd.ops import (
     to_device, transpose, unsqueeze, var, where,
 )
 from autograd.tensor import (
-    Function, Tensor, arange, grad, is_grad_enabled, no_grad, ones, randn, tensor, zeros,
+    Function, Tensor, arange, enable_grad, grad, is_grad_enabled, no_grad, ones, randn, tensor, zeros,
 )
+from autograd.checkpoint import checkpoint
 from autograd import amp, nn, optim  # noqa: E402  (submodules, as autograd.nn etc.)

@@ -284,6 +284,26 @@ def attention_dropout_keep(seed, BH, T, S, dropout_p):
     return (z >> u(40)) >= u(int(dropout_p * (1 << 24)))
 
 
+_DROPOUT_KEEP = r"""
+unsigned long long z = seed + (unsigned long long)i + 0x9E3779B97F4A7C15ull;
+z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+z ^= z >> 31;
+keep = (unsigned int)(z >> 40) >= thr;
+"""
+
+
+def dropout_keep(shape, dropout_p, seed):
+    """A dropout keep mask on the GPU: element n (C order) is attention_dropout_keep(seed, 1,
+    1, size, dropout_p)[0, 0, n], the same hash of the element's index."""
+    if "dropout_keep" not in _cache:
+        _cache["dropout_keep"] = _cp().ElementwiseKernel(
+            "uint64 seed, uint32 thr", "bool keep", _DROPOUT_KEEP, "tinyllm_dropout_keep")
+    keep = _cp().empty(shape, dtype=bool)
+    _cache["dropout_keep"](np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))), keep)
+    return keep
+
+
 def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
     """y (B, Hq, T, D) float32 and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D).
     With dropout_p > 0 the probabilities are dropped by attention_dropout_keep(seed, ...)."""

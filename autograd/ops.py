@@ -1240,8 +1240,17 @@ def dropout(x, p=0.5, training=True):
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
-    mask = backend.rng(x.device).random(x.shape, dtype=np.float32) >= p
-    return Dropout(mask, x.xp.asarray(1 / (1 - p), dtype=x.dtype)).apply(x)
+    return Dropout(_keep_mask(x.shape, p, x.data), x.xp.asarray(1 / (1 - p), dtype=x.dtype)).apply(x)
+
+
+def _keep_mask(shape, p, like):
+    """Dropout's keep mask (True with probability 1 - p) on `like`'s device. Every draw starts
+    from the CPU generator: on the CPU its uniforms; on the GPU a hash of the element index
+    and a seed it draws (kernels.dropout_keep). So one generator state (saved in training
+    checkpoints) fixes every mask, and activation checkpointing can replay them."""
+    if backend.is_cupy_array(like):
+        return kernels.dropout_keep(shape, p, int(backend.rng("cpu").integers(1 << 63)))
+    return backend.rng("cpu").random(shape, dtype=np.float32) >= p
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -1323,8 +1332,7 @@ class Attention(Function):
         p *= 1 / p.sum(axis=-1, keepdims=True)  # one division per row, then products
         if self.dropout_p == 0:
             return p, amp.low(p)
-        mask = (backend.rng(backend.device_of(qb)).random(p.shape, dtype=np.float32)
-                >= self.dropout_p) * xp.asarray(1 / (1 - self.dropout_p), self.dtype)
+        mask = _keep_mask(p.shape, self.dropout_p, p) * xp.asarray(1 / (1 - self.dropout_p), self.dtype)
         self.mask.append(mask)
         return p, amp.low(p * mask)
 

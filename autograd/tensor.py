@@ -55,6 +55,17 @@ class no_grad:
         return wrapper
 
 
+class enable_grad:
+    """Context manager: the graph is recorded inside even within no_grad (in this thread)."""
+
+    def __enter__(self):
+        self._prev = _grad_mode.enabled
+        _grad_mode.enabled = True
+
+    def __exit__(self, *exc):
+        _grad_mode.enabled = self._prev
+
+
 class Function:
     """One differentiable operation.
 

@@ -29,7 +29,7 @@ CONFIG = dict(n_layers=12, n_heads=12, d_model=768, context_length=1024, vocab_s
 
 # ---- tinyllm --------------------------------------------------------------------------------------
 
-def run_tinyllm(mode, batch, steps, warmup):
+def run_tinyllm(mode, batch, steps, warmup, checkpoint_blocks=False):
     import cupy as cp
     import numpy as np
 
@@ -48,6 +48,7 @@ def run_tinyllm(mode, batch, steps, warmup):
     cp.cuda.set_allocator(tracking_malloc)
     autograd.manual_seed(0)
     model = GPT.from_preset("llama-gpt2-small", **CONFIG, tie_embeddings=True, device="cuda")
+    model.checkpoint_blocks = checkpoint_blocks
     amp.set_precision(mode)
     opt = optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     params = model.parameters()
@@ -187,8 +188,10 @@ def run_torch(mode, batch, steps, warmup, fused_attention=True):
 # ---- driver -----------------------------------------------------------------------------------------
 
 def single(args):
-    fn = run_tinyllm if args.framework == "tinyllm" else run_torch
-    result = fn(args.mode, args.batch, args.steps, args.warmup)
+    if args.framework == "tinyllm":
+        result = run_tinyllm(args.mode, args.batch, args.steps, args.warmup, args.checkpoint_blocks)
+    else:
+        result = run_torch(args.mode, args.batch, args.steps, args.warmup)
     result.update(framework=args.framework, mode=args.mode, batch=args.batch)
     print("RESULT " + json.dumps(result))
 
@@ -202,6 +205,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--single", nargs=2, metavar=("FRAMEWORK", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file (JSON lines)")
+    p.add_argument("--checkpoint-blocks", action="store_true",
+                   help="tinyllm with activation checkpointing (each block recomputed in backward)")
     args = p.parse_args()
     if args.single:
         args.framework, args.mode = args.single
@@ -212,6 +217,7 @@ def main():
         for fw in args.frameworks.split(","):
             cmd = [sys.executable, __file__, "--single", fw, mode, "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--checkpoint-blocks"] if args.checkpoint_blocks else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:

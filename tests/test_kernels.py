@@ -355,3 +355,18 @@ def test_attention_dropout_on_the_gpu_follows_the_seed():
     assert np.array_equal(outs[0], outs[1])
     assert not np.allclose(again.numpy(), outs[0])
     assert all(t.grad.dtype == np.float32 and bool(t.xp.isfinite(t.grad).all()) for t in ts)
+
+
+def test_gpu_dropout_mask_is_the_hash_of_its_definition():
+    # ops.dropout on the GPU: the mask is kernels.dropout_keep, element n kept as
+    # attention_dropout_keep(seed, 1, 1, size, p)[0, 0, n]; the seed comes from the CPU generator
+    cp = backend.cupy_module()
+    got = cp.asnumpy(kernels.dropout_keep((3, 5, 7), 0.3, 2**40 + 3))
+    want = kernels.attention_dropout_keep(2**40 + 3, 1, 1, 105, 0.3).reshape(3, 5, 7)
+    assert np.array_equal(got, want)
+    x = Tensor(np.ones((64, 64), np.float32), device="cuda")
+    autograd.manual_seed(4)
+    y = ops.dropout(x, 0.25).numpy()
+    autograd.manual_seed(4)
+    assert np.array_equal(ops.dropout(x, 0.25).numpy(), y)
+    assert abs((y == 0).mean() - 0.25) < 0.03 and set(np.unique(y)) <= {0.0, np.float32(1 / 0.75)}

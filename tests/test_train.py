@@ -216,3 +216,19 @@ def test_mixed_precision_training_keeps_float32_weights_and_learns(tmp_path, cor
 def test_unknown_dtype_is_refused(tmp_path, corpus):
     with pytest.raises(ValueError, match="dtype must be one of"):
         train(config(tmp_path, corpus, dtype="int8"))
+
+
+def test_checkpoint_blocks_trains_like_the_plain_model(tmp_path, corpus):
+    # activation checkpointing changes memory, not the training: the same weights after a few
+    # steps (up to the order of float32 sums), with dropout replayed, and the split batch too
+    model = dict(TINY, dropout=0.1)
+    plain, _ = train(config(tmp_path / "a", corpus, model=model, data_threads=1))
+    ck, _ = train(config(tmp_path / "b", corpus, model=model, data_threads=1, checkpoint_blocks=True))
+    assert ck.model.checkpoint_blocks and not plain.model.checkpoint_blocks
+    a, b = weights(plain), weights(ck)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    split, _ = train(config(tmp_path / "c", corpus, data_threads=2, checkpoint_blocks=True))
+    unsplit, _ = train(config(tmp_path / "d", corpus, data_threads=2))
+    for k, v in weights(unsplit).items():
+        np.testing.assert_allclose(weights(split)[k], v, rtol=1e-4, atol=1e-6, err_msg=k)

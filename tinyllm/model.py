@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from autograd import backend, ops
+from autograd.checkpoint import checkpoint
 from autograd.nn import Dropout, Embedding, LayerNorm, Linear, Module, RMSNorm
 from autograd.tensor import Tensor, is_grad_enabled
 from tinyllm.config import FLAVOURS, PRESETS, ModelConfig, preset_config
@@ -176,6 +177,9 @@ class GPT(Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = [Block(cfg, i) for i in range(cfg.n_layers)]
         self.norm_f = _norm(cfg)
+        # activation checkpointing (a training setting, not part of the model): when True,
+        # training forwards keep only each block's input and recompute the block in backward
+        self.checkpoint_blocks = False
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, **kw)
@@ -256,8 +260,12 @@ class GPT(Module):
             x = x + self.pos_emb.weight[start:start + T]
         x = self.drop(x)
         tables = self.rope.tables(start, T, x.dtype) if self.rope is not None else None
+        recompute = self.checkpoint_blocks and self.training and cache is None and is_grad_enabled()
         for block in self.blocks:
-            x = block(x, tables, cache)
+            if recompute:
+                x = checkpoint(lambda x, block=block: block(x, tables), x, params=block.parameters())
+            else:
+                x = block(x, tables, cache)
         if cache is not None:
             cache.length += T
         if last_only:

@@ -93,6 +93,9 @@ class TrainConfig:
     # CPU: each micro-batch split over this many threads (see accumulate_grads); "auto": the
     # usable cores (or `threads` when set), at most 4 and at most batch_size; 1: no split
     data_threads: int | str = "auto"
+    # keep only each block's input in training forwards and recompute the block in backward
+    # (activation checkpointing): less memory for one more forward of each block
+    checkpoint_blocks: bool = False
     quiet: bool = False
 
     def to_dict(self):
@@ -111,7 +114,7 @@ class TrainConfig:
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
              "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data",
-             "threads", "data_threads"}
+             "threads", "data_threads", "checkpoint_blocks"}
 
 
 def read_config_file(path):
@@ -425,6 +428,7 @@ class Run:
         self.dataset = data_mod.prepare_dataset(self.docs, self.tokenizer, cfg.cache_dir,
                                                 cfg.val_fraction, progress=not cfg.quiet)
         self.model = build_model(cfg, self.tokenizer.vocab_size)
+        self.model.checkpoint_blocks = cfg.checkpoint_blocks
         self.block_size = cfg.block_size or self.model.config.context_length
         if self.block_size > self.model.config.context_length:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context length "
@@ -883,6 +887,8 @@ def register(subparsers):
     p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
                    help="CPU: threads that share each micro-batch, 1 = no split (auto: the "
                         "usable cores, at most 4)")
+    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
+                   help="activation checkpointing: recompute each block in backward (less memory)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.set_defaults(func=cmd_train)
     return p
