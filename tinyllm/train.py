@@ -361,10 +361,10 @@ def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
     so a run is the same from one time to the next (it differs from the unsplit step in the
     last bits, as the sums run in another order).
     """
-    counts = [int((yi != IGNORE_INDEX).sum()) for yi in np.array_split(y, shards)]
+    xs, ys = np.array_split(x, shards), np.array_split(y, shards)
+    counts = [int((yi != IGNORE_INDEX).sum()) for yi in ys]
     n = sum(counts)
-    slices = [(xi, yi, c / n) for xi, yi, c in zip(np.array_split(x, shards),
-                                                   np.array_split(y, shards), counts) if c]
+    slices = [(xi, yi, c / n) for xi, yi, c in zip(xs, ys, counts) if c]
     if not slices:  # every target ignored: the mean loss is nan, as in the unsplit step
         slices = [(x, y, 1.0)]
 
