@@ -408,7 +408,7 @@ class Run:
 
     def __init__(self, cfg, resume_from=None):
         self.cfg = cfg
-        self.run_dir = Path(cfg.out or f"runs/{cfg.preset}")
+        self.run_dir = Path(cfg.out or self.default_out())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.threads and cfg.device == "cpu" and not set_blas_threads(cfg.threads):
             log(cfg, f"note: could not set BLAS threads to {cfg.threads} (unknown BLAS library)")
@@ -420,6 +420,30 @@ class Run:
                              f"got {cfg.dtype!r}")
         amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
         self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
+        self.setup(resume_from)  # tokenizer, model, data: self.tokenizer, .model, .data_meta
+        self.model.checkpoint_blocks = cfg.checkpoint_blocks
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.shards = shard_count(cfg.data_threads, cfg.batch_size, cfg.device,
+                                  self.model.config.dropout, cfg.threads)
+        self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                               eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+        self.step = 0
+        self.best_val = math.inf
+        self.tokens_seen = 0  # tokens through the model since the last log line (padding too)
+        self.peak = cfg.peak_flops or peak_flops_guess(cfg.device)
+        self.tokenizer_json = self._tokenizer_json()
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # ---- data: what a kind of run overrides ----------------------------------------------------
+    def default_out(self):
+        return f"runs/{self.cfg.preset}"
+
+    def setup(self, resume_from):
+        """Pretraining: the corpus, its tokenizer (the checkpoint's when resuming), the token
+        files, a fresh model, the batches and the fixed validation windows."""
+        cfg = self.cfg
         self.docs = data_mod.load_corpus(cfg.data)
         if resume_from is not None:
             self.tokenizer = self._resume_tokenizer(resume_from)
@@ -428,7 +452,6 @@ class Run:
         self.dataset = data_mod.prepare_dataset(self.docs, self.tokenizer, cfg.cache_dir,
                                                 cfg.val_fraction, progress=not cfg.quiet)
         self.model = build_model(cfg, self.tokenizer.vocab_size)
-        self.model.checkpoint_blocks = cfg.checkpoint_blocks
         self.block_size = cfg.block_size or self.model.config.context_length
         if self.block_size > self.model.config.context_length:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context length "
@@ -437,19 +460,30 @@ class Run:
                                         seed=cfg.seed)
         self.val_starts = data_mod.eval_windows(self.dataset.val, self.block_size,
                                                 cfg.eval_iters * cfg.batch_size)
-        self.params = self.model.parameters()
-        self.shards = shard_count(cfg.data_threads, cfg.batch_size, cfg.device,
-                                  self.model.config.dropout, cfg.threads)
-        self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                               eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
-        self.step = 0
-        self.best_val = math.inf
-        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
-        self.peak = cfg.peak_flops or peak_flops_guess(cfg.device)
-        self.tokenizer_json = self._tokenizer_json()
-        if resume_from is not None:
-            self._restore(resume_from)
+        self.data_meta = {k: self.dataset.meta.get(k) for k in ("key", "train_tokens", "val_tokens")}
+        self.data_summary = (f"data: {len(self.dataset.train):,} train / "
+                             f"{len(self.dataset.val):,} val tokens")
+        self.batch_summary = (f"{cfg.batch_size * self.block_size * cfg.grad_accum:,} tokens "
+                              f"(batch {cfg.batch_size} x {self.block_size}"
+                              f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})")
+
+    def micro_batch(self, k):
+        """Micro-batch k of the run, (x, y) as NumPy integer arrays: a pure function of k."""
+        return self.batches.get(k)
+
+    def val_batches(self):
+        """The fixed validation batches, (x, y) pairs."""
+        B = self.cfg.batch_size
+        for i in range(0, len(self.val_starts), B):
+            yield data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
+
+    def describe_model(self):
+        return f"model: {self.cfg.preset} ({self.model.config.n_layers} layers, " \
+               f"d_model {self.model.config.d_model})"
+
+    def extra_meta(self):
+        """More checkpoint metadata (a kind of run adds its own)."""
+        return {}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _resume_tokenizer(self, ckpt):
@@ -496,7 +530,8 @@ class Run:
             "schedule": self.schedule.state_dict(),
             "rng": backend.get_rng_state(),
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-            "dataset": {k: self.dataset.meta.get(k) for k in ("key", "train_tokens", "val_tokens")},
+            "dataset": self.data_meta,
+            **self.extra_meta(),
         }
         return meta, arrays
 
@@ -512,10 +547,10 @@ class Run:
             raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
                                   f"{meta['tokenizer_sha256'][:12]}, this run {fp[:12]})")
         saved_ds = meta["dataset"]["key"]
-        if saved_ds != self.dataset.meta["key"]:
+        if saved_ds != self.data_meta["key"]:
             raise CheckpointError(f"{path}: dataset does not match: the checkpoint was trained on "
-                                  f"other data (token cache {saved_ds[:12]}, now "
-                                  f"{self.dataset.meta['key'][:12]})")
+                                  f"other data (data key {saved_ds[:12]}, now "
+                                  f"{self.data_meta['key'][:12]})")
         load_into(self.model, self.optimizer, path, meta, arrays)
         self.step = meta["step"]
         self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
@@ -525,27 +560,29 @@ class Run:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self):
-        """Mean loss over the fixed validation windows."""
+        """Mean loss per counted target (targets other than IGNORE_INDEX) over the fixed
+        validation batches."""
         self.model.eval()
         total, count = 0.0, 0
-        B = self.cfg.batch_size
 
         def loss_sum(x, y):  # no_grad holds in the thread that enters it: each slice's own
+            n = int((y != IGNORE_INDEX).sum())
+            if not n:
+                return 0.0
             with autograd.no_grad():
                 _, loss = self.model(self._dev(x), self._dev(y), return_logits=False)
-            return loss.item() * len(x)
+            return loss.item() * n
 
-        for i in range(0, len(self.val_starts), B):
-            x, y = data_mod.windows_at(self.dataset.val, self.val_starts[i:i + B], self.block_size)
+        for x, y in self.val_batches():
             if self.shards > 1:  # slices of the batch on threads, as in training
                 slices = [s for s in zip(np.array_split(x, self.shards),
                                          np.array_split(y, self.shards)) if len(s[0])]
                 total += sum(run_slices(loss_sum, slices))
             else:
                 total += loss_sum(x, y)
-            count += len(x)
+            count += int((y != IGNORE_INDEX).sum())
         self.model.train()
-        return total / count
+        return total / max(count, 1)
 
     def _dev(self, a):
         return a if self.cfg.device == "cpu" else backend.to_device(a, self.cfg.device)
@@ -555,8 +592,11 @@ class Run:
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
         first = self.step * cfg.grad_accum
-        micro = [tuple(self._dev(a) for a in self.batches.get(first + m))
+        micro = [tuple(self._dev(a) for a in self.micro_batch(first + m))
                  for m in range(cfg.grad_accum)]
+        self.tokens_seen += sum(x.size for x, _ in micro)
+        self.targets_seen = getattr(self, "targets_seen", 0) + sum(
+            int((y != IGNORE_INDEX).sum()) for _, y in micro)
         loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step}: loss is {loss} (lower the learning "
@@ -580,14 +620,9 @@ class Run:
         (self.run_dir / "config.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1))
         n_params = self.model.num_params()
-        ds = self.dataset
-        log(cfg, f"model: {cfg.preset} ({self.model.config.n_layers} layers, "
-                 f"d_model {self.model.config.d_model}), {n_params / 1e6:.2f}M parameters; "
-                 f"vocab {self.tokenizer.vocab_size}; data: {len(ds.train):,} train / "
-                 f"{len(ds.val):,} val tokens")
-        log(cfg, f"training {cfg.steps} steps of {self.tokens_per_step:,} tokens "
-                 f"(batch {cfg.batch_size} x {self.block_size}"
-                 f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}) on "
+        log(cfg, f"{self.describe_model()}, {n_params / 1e6:.2f}M parameters; "
+                 f"vocab {self.tokenizer.vocab_size}; {self.data_summary}")
+        log(cfg, f"training {cfg.steps} steps of {self.batch_summary} on "
                  f"{cfg.device}{self._threads_note()}; run folder {self.run_dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
         stop = {"flag": False}
@@ -621,13 +656,18 @@ class Run:
                         loss = loss_sum / (self.step - step_last)  # mean since the last line
                         loss_sum = 0.0
                         now = time.perf_counter()
-                        tps = (self.step - step_last) * self.tokens_per_step / (now - t_last)
+                        tps = self.tokens_seen / (now - t_last)
+                        trained = self.targets_seen / max(self.tokens_seen, 1)
+                        self.tokens_seen = self.targets_seen = 0
                         done = self.step - first_step
                         eta = (now - t_start) / done * (cfg.steps - self.step)
                         line = (f"step {self.step:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                                 f"grad norm {norm:.3f} | {tps:,.0f} tok/s | ETA {fmt_time(eta)}")
                         rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                                "tokens_per_s": tps, "elapsed_s": now - t_start}
+                        if trained < 0.999:  # padding or masked targets (fine-tuning)
+                            line += f" | trained tokens {100 * trained:.0f}%"
+                            rec["trained_share"] = trained
                         if self.peak:
                             mfu = self.model.flops_per_token(self.block_size) * tps / self.peak
                             line += f" | MFU {100 * mfu:.1f}%"
