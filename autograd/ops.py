@@ -554,6 +554,86 @@ def linear(x, weight, bias=None):
     return fn.apply(x, weight) if bias is None else fn.apply(x, weight, bias)
 
 
+class LoRALinear(Function):
+    """A linear layer plus a low-rank update: y = x W^T + b + scale (x A^T) B^T.
+
+    W (out, in), A (r, in), B (out, r), r small. The update is applied as two thin products
+    through the (rows, r) activation h = scale x A^T, never as the (out, in) matrix B A.
+    """
+
+    def __init__(self, scale, x_low=None):
+        self.scale = scale
+        self.x_low = x_low  # a low-precision copy of x made by the caller, if any
+
+    def forward(self, x, w, a, b_up, bias=None):
+        # Products in bfloat16/float16 under a low-precision mode (as in Linear), results in
+        # x's dtype; the low-precision operands are what backward keeps.
+        xl = self.x_low if self.x_low is not None else amp.low(x)
+        rows = xl.reshape(-1, x.shape[-1])  # (rows, in): one GEMM each, as in Linear
+        wl, al, bl = amp.low(w), amp.low(a), amp.low(b_up)
+        h = amp.low(_bmm(rows, al, False, True, x.dtype) * self.scale)  # (rows, r)
+        y = _bmm(rows, wl, False, True, x.dtype)
+        _mm_into(y, h, bl, False, True, accumulate=True)
+        if bias is not None:
+            y += bias
+        # kept for backward, each only when a gradient reads it (W frozen: no dW, no x for it)
+        need_x, need_w, need_a, need_b = self.needs_grad[:4]
+        self.x = rows if need_w or need_a else None
+        self.w, self.a = (wl, al) if need_x else (None, None)
+        self.b_up = bl if need_x or need_a else None
+        self.h = h if need_b else None
+        self.x_low = None
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g):
+        # y = x W^T + b + h B^T with h = scale x A^T  =>
+        #   dx = g W + scale (g B) A,  dW = g^T x,  dA = scale (g B)^T x,  dB = g^T h,  db = sum g
+        x, w, a, b_up = self.x, self.w, self.a, self.b_up
+        need_x, need_w, need_a, need_b = self.needs_grad[:4]
+        gl = amp.low(g).reshape(-1, g.shape[-1])
+        gx = gw = ga = gb = gbias = None
+        if need_x or need_a:
+            gbs = amp.low(_bmm(gl, b_up, False, False, g.dtype) * self.scale)  # scale g B
+        if need_x:
+            gx = _bmm(gl, w, False, False, g.dtype)
+            _mm_into(gx, gbs, a, False, False, accumulate=True)
+            gx = gx.reshape(*g.shape[:-1], w.shape[1])
+        if need_w:
+            gw = _bmm(gl, x, True, False, g.dtype)
+        if need_a:
+            ga = _bmm(gbs, x, True, False, g.dtype)
+        if need_b:
+            gb = _bmm(gl, self.h, True, False, g.dtype)
+        if len(self.needs_grad) > 4 and self.needs_grad[4]:
+            gbias = g.reshape(-1, g.shape[-1]).sum(axis=0)
+        return gx, gw, ga, gb, gbias
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale, bias=None):
+    """x @ weight.T + bias + scale * (x @ lora_A.T) @ lora_B.T: a linear layer with a LoRA update.
+
+    weight: (out, in); lora_A: (r, in); lora_B: (out, r); bias: (out,) or None; scale: a
+    number (alpha / r). Leave weight (and bias) without requires_grad to train only A and B:
+    backward then skips the (out, in) product dW.
+    """
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"lora_linear: input of shape {x.shape} does not fit weight of shape "
+                         f"{weight.shape}")
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0] if lora_A.ndim == 2 else None
+    if r is None or lora_A.shape[1] != in_f or lora_B.shape != (out_f, r):
+        raise ValueError(f"lora_linear: lora_A of shape {lora_A.shape} and lora_B of shape "
+                         f"{lora_B.shape} do not fit weight of shape {weight.shape} "
+                         f"(want (r, {in_f}) and ({out_f}, r))")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"lora_linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(scale):
+        raise ValueError(f"lora_linear: scale must be a finite number, not {scale!r}")
+    fn = LoRALinear(float(scale), _shared_low_copy(x))
+    return fn.apply(x, weight, lora_A, lora_B, *([] if bias is None else [bias]))
+
+
 def _shared_low_copy(t):
     """The low-precision copy of an activation, made once and shared by every product that
     reads it (the q, k and v projections read the same x): one cast, one saved copy."""
@@ -1413,7 +1493,7 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 DIFFERENTIABLE_OPS = (
     "add", "sub", "mul", "div", "pow", "maximum", "neg", "exp", "log", "sqrt", "rsqrt",
     "tanh", "sigmoid", "relu", "silu", "swiglu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
-    "linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
+    "linear", "lora_linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
     "squeeze", "unsqueeze", "concat", "stack", "split", "getitem", "embedding", "softmax",
     "log_softmax", "cross_entropy", "linear_cross_entropy", "layer_norm", "rms_norm", "dropout",
     "scaled_dot_product_attention",
