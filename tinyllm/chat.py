@@ -162,3 +162,89 @@ def to_example(messages, tokenizer):
     ids = np.asarray(ids, np.int64)
     y = np.where(np.asarray(mask[1:], bool), ids[1:], -100)
     return ids[:-1], y
+
+
+# ---- data files: the three formats people already have ---------------------------------------
+
+FORMATS = {
+    "messages": '{"messages": [{"role": ..., "content": ...}, ...]}',
+    "prompt/completion": '{"prompt": ..., "completion": ...}',
+    "alpaca": '{"instruction": ..., "input": ..., "output": ...}',
+}
+
+
+def conversation_from_record(obj, where="record"):
+    """The messages of one JSON object in any of the three formats (detected by its keys):
+
+        {"messages": [...]}                                  as is
+        {"prompt": P, "completion": C}                       user P, assistant C; P and C may
+                                                             also be lists of messages (TRL)
+        {"instruction": I, "input": X, "output": O}          user "I\\n\\nX" (or I), assistant O
+
+    Raises ValueError naming `where` and what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+    elif "prompt" in obj or "completion" in obj:
+        messages = []
+        for key, role in (("prompt", "user"), ("completion", "assistant")):
+            if key not in obj:
+                raise ValueError(f"{where}: has {'prompt' if key == 'completion' else 'completion'}"
+                                 f" but no {key!r}")
+            value = obj[key]
+            if isinstance(value, str):
+                messages.append({"role": role, "content": value})
+            elif isinstance(value, list):
+                messages.extend(value)
+            else:
+                raise ValueError(f"{where}: {key!r} must be a string or a list of messages, "
+                                 f"got {type(value).__name__}")
+    elif "instruction" in obj or "output" in obj:
+        for key in ("instruction", "output"):
+            if not isinstance(obj.get(key), str):
+                raise ValueError(f"{where}: Alpaca record needs a string {key!r}, got "
+                                 f"{type(obj.get(key)).__name__ if key in obj else 'nothing'}")
+        extra = obj.get("input", "")
+        if not isinstance(extra, str):
+            raise ValueError(f"{where}: Alpaca 'input' must be a string, got {type(extra).__name__}")
+        user = obj["instruction"] + ("\n\n" + extra if extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    else:
+        raise ValueError(f"{where}: unknown format (keys {sorted(obj)[:6]}); expected one of: "
+                         + "; ".join(FORMATS.values()))
+    check_messages(messages, f"{where}: messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant message, so nothing to learn or to score")
+    return messages
+
+
+def read_conversations(path):
+    """Every conversation of a JSON-lines file (blank lines skipped), each line in any of the
+    FORMATS. The whole file is checked first: a bad line raises ValueError with the file, the
+    line number and what is wrong."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        out.append(conversation_from_record(obj, where))
+    if not out:
+        raise ValueError(f"{path}: no conversations (the file is empty)")
+    return out

@@ -128,6 +128,10 @@ def build_parser():
     from tinyllm import generate
 
     generate.register(sub)
+    from tinyllm import sft
+
+    sft.register(sub)
+    from tinyllm import export; export.register(sub)  # noqa: E702
     return parser
 
 

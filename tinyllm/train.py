@@ -46,6 +46,7 @@ from autograd import amp, backend
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
 from tinyllm.checkpoint import CheckpointError, check_match, load_checkpoint, save_checkpoint
+from tinyllm.cli import UsageError, check_choice, check_float, check_int
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     cache_dir: str | None = None  # token/tokenizer cache; None: $TINYLLM_CACHE or ~/.cache/tinyllm
     # model
+    init_from: str | None = None  # start from these trained weights and their tokenizer
     preset: str = "laptop"
     model: dict = field(default_factory=dict)  # ModelConfig overrides (flavour, n_layers, ...)
     # optimization
@@ -109,6 +111,75 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown training settings {unknown}; known: "
                              f"{', '.join(sorted(known))}")
         return cls(**d)
+
+
+def default_out(cfg):
+    """runs/<preset>, or <init-from folder>-continued."""
+    if cfg.init_from:
+        return str(Path(cfg.init_from.rstrip("/")).with_suffix("")) + "-continued"
+    return f"runs/{cfg.preset}"
+
+
+def validate_common(cfg):
+    """Check the settings every training run has (TrainConfig, SFTConfig, ...): one
+    UsageError naming the setting, the value and what is allowed, before any work."""
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_iters"):
+        check_int(name, getattr(cfg, name), low=1)
+    check_int("warmup", cfg.warmup, low=0)
+    check_int("seed", cfg.seed)
+    check_float("lr", cfg.lr, low=0, low_open=True)
+    check_float("min_lr", cfg.min_lr, low=0)
+    check_float("weight_decay", cfg.weight_decay, low=0)
+    check_float("beta1", cfg.beta1, low=0, high=1, high_open=True)
+    check_float("beta2", cfg.beta2, low=0, high=1, high_open=True)
+    check_float("eps", cfg.eps, low=0, low_open=True)
+    check_float("clip", cfg.clip, low=0)
+    check_float("peak_flops", cfg.peak_flops, low=0, low_open=True, allow_none=True)
+    check_int("threads", cfg.threads, low=1, allow_none=True)
+    check_choice("schedule", cfg.schedule, ("cosine", "linear", "constant"))
+    check_choice("dtype", cfg.dtype, ("float32", "float64") + PRECISIONS)
+    if not isinstance(cfg.device, str) or not (cfg.device == "cpu" or cfg.device == "cuda"
+                                               or cfg.device.startswith("cuda:")):
+        raise UsageError(f"device: must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.data_threads != "auto":
+        check_int("data_threads", cfg.data_threads, low=1)
+    for name in ("checkpoint_blocks", "quiet"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise UsageError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
+
+
+def validate_train(cfg):
+    """TrainConfig's own settings, after the common ones."""
+    from tinyllm.config import PRESETS
+
+    validate_common(cfg)
+    check_int("vocab_size", cfg.vocab_size, low=256)
+    check_float("val_fraction", cfg.val_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_int("block_size", cfg.block_size, low=1, allow_none=True)
+    check_int("sample_tokens", cfg.sample_tokens, low=0)
+    check_float("temperature", cfg.temperature, low=0)
+    check_int("top_k", cfg.top_k, low=0, allow_none=True)
+    check_choice("preset", cfg.preset, tuple(PRESETS))
+    if not isinstance(cfg.model, dict):
+        raise UsageError(f"model: must be a table of model settings, got {cfg.model!r}")
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
+        raise UsageError(f"tokenizer: {cfg.tokenizer}: no such file")
+    return cfg
+
+
+RUN_FILES = ("last.ckpt", "best.ckpt", "metrics.jsonl", "config.json", "tokenizer.json",
+             "adapter.safetensors", "loss.png")
+
+
+def check_run_folder(path, resume=False, overwrite=False):
+    """Refuse to start a new run in a folder that holds one, unless told to replace it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"out: {path} is a file, not a folder")
+    held = [n for n in RUN_FILES[:3] if (path / n).exists()]
+    if held and not resume and not overwrite:
+        raise UsageError(f"{path} already holds a run ({', '.join(held)}): pass --resume {path} "
+                         f"to continue it, --overwrite to replace it, or --out for a new folder")
 
 
 # Settings that may change when resuming (they do not change what a step computes).
@@ -406,10 +477,12 @@ def apply_update(params, optimizer, clip, scaler=None):
 class Run:
     """Everything a training run holds; `train(cfg)` builds one and calls `fit()`."""
 
+    command = "train"  # the subcommand that resumes it
+
     def __init__(self, cfg, resume_from=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out or self.default_out())
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.overwrite = False  # fit() then removes an old run's files before writing
         if cfg.threads and cfg.device == "cpu" and not set_blas_threads(cfg.threads):
             log(cfg, f"note: could not set BLAS threads to {cfg.threads} (unknown BLAS library)")
         if cfg.device == "cpu":
@@ -418,6 +491,9 @@ class Run:
         if cfg.dtype not in ("float32", "float64") + PRECISIONS:
             raise ValueError(f"dtype must be one of float32, float64, {', '.join(PRECISIONS)}; "
                              f"got {cfg.dtype!r}")
+        if cfg.device == "cpu" and cfg.dtype in ("bfloat16", "float16") and not cfg.quiet:
+            print(f"warning: --dtype {cfg.dtype} on the CPU is emulated by NumPy and many times "
+                  "slower than float32; it is meant for GPUs", file=sys.stderr)
         amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
         self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
         self.setup(resume_from)  # tokenizer, model, data: self.tokenizer, .model, .data_meta
@@ -432,26 +508,42 @@ class Run:
         self.best_val = math.inf
         self.tokens_seen = 0  # tokens through the model since the last log line (padding too)
         self.peak = cfg.peak_flops or peak_flops_guess(cfg.device)
-        self.tokenizer_json = self._tokenizer_json()
+        self.tokenizer_json = self.tokenizer.to_json()
         if resume_from is not None:
             self._restore(resume_from)
 
     # ---- data: what a kind of run overrides ----------------------------------------------------
     def default_out(self):
-        return f"runs/{self.cfg.preset}"
+        return default_out(self.cfg)
 
     def setup(self, resume_from):
         """Pretraining: the corpus, its tokenizer (the checkpoint's when resuming), the token
         files, a fresh model, the batches and the fixed validation windows."""
         cfg = self.cfg
         self.docs = data_mod.load_corpus(cfg.data)
+        init = None
         if resume_from is not None:
             self.tokenizer = self._resume_tokenizer(resume_from)
+        elif cfg.init_from:  # nanoGPT's init_from: trained weights, new data and schedule
+            from tinyllm.generate import load_for_generation
+
+            init, self.tokenizer = load_for_generation(cfg.init_from, tokenizer=cfg.tokenizer,
+                                                       device=cfg.device,
+                                                       dtype=param_dtype(cfg.dtype))
         else:
             self.tokenizer = build_tokenizer(cfg, self.docs)
         self.dataset = data_mod.prepare_dataset(self.docs, self.tokenizer, cfg.cache_dir,
                                                 cfg.val_fraction, progress=not cfg.quiet)
-        self.model = build_model(cfg, self.tokenizer.vocab_size)
+        if init is not None:
+            self.model = init
+        elif cfg.init_from:  # resuming a run that started from other weights: their shapes
+            from tinyllm.model import GPT, ModelConfig
+
+            saved = dict(resume_from["meta"]["model_config"], device=cfg.device,
+                         dtype=param_dtype(cfg.dtype))
+            self.model = GPT(ModelConfig.from_dict(saved))
+        else:
+            self.model = build_model(cfg, self.tokenizer.vocab_size)
         self.block_size = cfg.block_size or self.model.config.context_length
         if self.block_size > self.model.config.context_length:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context length "
@@ -490,13 +582,8 @@ class Run:
         """The checkpoint's tokenizer; one named in the config must be the same."""
         from tinyllm.tokenizer import Tokenizer
 
-        tok_path = self.run_dir / ".resume-tokenizer.json"
-        tok_path.write_text(ckpt["meta"]["tokenizer"])
-        try:
-            tok = Tokenizer.load(tok_path)
-        finally:
-            tok_path.unlink()
-        if self.cfg.tokenizer:
+        tok = Tokenizer.from_json(ckpt["meta"]["tokenizer"], source=str(ckpt["path"]))
+        if self.cfg.tokenizer and not self.cfg.init_from:
             asked = Tokenizer.load(self.cfg.tokenizer)
             a, b = data_mod.tokenizer_fingerprint(asked), ckpt["meta"]["tokenizer_sha256"]
             if a != b:
@@ -505,10 +592,6 @@ class Run:
                     f"(vocab {asked.vocab_size}, sha256 {a[:12]}) is not the checkpoint's "
                     f"(vocab {tok.vocab_size}, sha256 {b[:12]})")
         return tok
-
-    def _tokenizer_json(self):
-        self.tokenizer.save(self.run_dir / "tokenizer.json")
-        return self.tokenizer.to_json()
 
     def state(self):
         """(meta, arrays) of the whole training state."""
@@ -599,8 +682,7 @@ class Run:
             int((y != IGNORE_INDEX).sum()) for _, y in micro)
         loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: loss is {loss} (lower the learning "
-                                     "rate, or resume from the last good checkpoint)")
+            raise FloatingPointError(f"the loss is {loss} at step {self.step}")
         norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
         self.step += 1
         return loss, lr, norm
@@ -616,7 +698,15 @@ class Run:
     def fit(self):
         cfg = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.run_dir.glob(".*.tmp"):  # left by a save that was killed
+            tmp.unlink()
+        if self.overwrite and self.step == 0:
+            for name in RUN_FILES:
+                if (self.run_dir / name).exists():
+                    (self.run_dir / name).unlink()
         _truncate_metrics(metrics_path, self.step)
+        self.tokenizer.save(self.run_dir / "tokenizer.json")
         (self.run_dir / "config.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1))
         n_params = self.model.num_params()
@@ -626,6 +716,7 @@ class Run:
                  f"{cfg.device}{self._threads_note()}; run folder {self.run_dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
         stop = {"flag": False}
+        diverged = None
 
         def on_sigint(signum, frame):
             if stop["flag"]:
@@ -690,19 +781,26 @@ class Run:
                                  f"{math.exp(val):.2f}{' | best, saved' if best else ''} "
                                  f"({time.perf_counter() - t0:.1f}s)")
                         t_last += time.perf_counter() - t0  # keep eval time out of tok/s
+            except FloatingPointError as e:  # the weights are not saved: the last save is good
+                diverged = str(e)
             finally:
                 if old_handler is not None:
                     signal.signal(signal.SIGINT, old_handler)
         elapsed = time.perf_counter() - t_start
-        if stop["flag"]:
+        if diverged:
+            good = [n for n in ("best.ckpt", "last.ckpt") if (self.run_dir / n).exists()]
+            print(f"tinyllm {self.command}: stopped: {diverged}; the last good checkpoint is "
+                  f"{self.run_dir / good[-1] if good else 'none (no evaluation yet)'}; try a lower "
+                  f"learning rate (--lr) or a longer warmup", file=sys.stderr, flush=True)
+        elif stop["flag"]:
             path = self.save("last.ckpt")
             log(cfg, f"interrupted at step {self.step}; saved {path}; continue with: "
-                     f"tinyllm train --resume {self.run_dir}")
+                     f"tinyllm {self.command} --resume {self.run_dir}")
         else:
             log(cfg, f"done: {self.step} steps in {fmt_time(elapsed)} ({elapsed:.1f}s); best val "
                      f"loss {self.best_val:.4f}; checkpoints in {self.run_dir}")
         return {"step": self.step, "best_val": self.best_val, "elapsed_s": elapsed,
-                "interrupted": stop["flag"]}
+                "interrupted": stop["flag"], "diverged": diverged}
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, n_tokens, prompt="", temperature=0.8, top_k=40, seed=0):
@@ -798,9 +896,10 @@ def _sample_loop(model, tokenizer, ids, n_tokens, temperature, top_k, seed):
 
 # ---- entry points -----------------------------------------------------------------------------
 
-def train(cfg, resume=None):
-    """Train per `cfg` (a TrainConfig); `resume`: a run folder or .ckpt file to continue.
-    Returns the Run (model, tokenizer, ...) and a summary dict."""
+def train(cfg, resume=None, overwrite=False):
+    """Train per `cfg` (a TrainConfig); `resume`: a run folder or .ckpt file to continue;
+    `overwrite`: replace a run already in the output folder. Returns the Run (model,
+    tokenizer, ...) and a summary dict."""
     ckpt = None
     if resume is not None:
         path = Path(resume)
@@ -808,6 +907,7 @@ def train(cfg, resume=None):
         meta, arrays = load_checkpoint(path)
         ckpt = {"path": path, "meta": meta, "arrays": arrays}
     run = Run(cfg, resume_from=ckpt)
+    run.overwrite = overwrite
     summary = run.fit()
     return run, summary
 
@@ -867,13 +967,17 @@ def _parse_value(v):
 
 
 def cmd_train(args):
-    try:
-        cfg = config_from_args(args)
-        run, summary = train(cfg, resume=args.resume)
-    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a ValueError
-        print(f"tinyllm train: error: {e}", file=sys.stderr)
-        return 2
-    if cfg.sample_tokens and not summary["interrupted"]:
+    cfg = validate_train(config_from_args(args))
+    if cfg.init_from and not args.resume and not Path(cfg.init_from).exists():
+        raise UsageError(f"--init-from {cfg.init_from}: no such run folder or checkpoint")
+    check_run_folder(cfg.out or default_out(cfg), resume=bool(args.resume),
+                     overwrite=args.overwrite)
+    run, summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if summary["diverged"]:
+        return 1
+    if summary["interrupted"]:
+        return 130
+    if cfg.sample_tokens:
         t0 = time.perf_counter()
         text = run.sample(cfg.sample_tokens, cfg.prompt, cfg.temperature, cfg.top_k, cfg.seed)
         print(f"\n--- sample ({cfg.sample_tokens} tokens, temperature {cfg.temperature}, "
@@ -889,6 +993,12 @@ def register(subparsers):
     d = TrainConfig()
     p.add_argument("--config", help="TOML or JSON file of settings ([model] table for the model)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output folder (refused otherwise)")
+    p.add_argument("--init-from", metavar="RUN_DIR_OR_HF_FOLDER",
+                   help="start from these trained weights and their tokenizer (a run folder, "
+                        ".ckpt or Hugging Face GPT-2/Llama folder) with new data, schedule and "
+                        "optimizer: continued pretraining or fine-tuning")
     p.add_argument("--data", help=f"text file or folder of .txt files (default {d.data})")
     p.add_argument("--tokenizer", help="a saved tokenizer (default: train one on the data)")
     p.add_argument("--char", action="store_true", default=None,

@@ -1,0 +1,401 @@
+"""Supervised fine-tuning: a base model learns to answer in the chat template.
+
+    tinyllm sft --from runs/laptop                      # the built-in chat tasks, CPU
+    tinyllm sft --from runs/laptop --data chats.jsonl   # your own conversations
+    tinyllm sft --from runs/laptop --lora-rank 8        # low-rank adapters, base frozen
+    tinyllm sft --resume runs/laptop-sft                # continue exactly where it stopped
+
+It is pretraining with two changes, so it runs on `tinyllm train`'s loop (train.Run): config
+files, log lines, metrics.jsonl, validation, atomic checkpoints, exact --resume, devices and
+dtypes all behave the same.
+
+1. The data are conversations, each rendered by `tinyllm.chat.render` into ids and a loss
+   mask. Targets the mask does not train (system and user text, role markers) become -100,
+   which the loss ignores: the model learns the assistant's answers and where they end.
+2. A row holds one conversation, padded at its end to the longest of the batch (padding
+   targets -100 too). Attention is causal, so a token only sees its own conversation: no
+   document mask is needed. Log lines show the share of the batch's tokens that are trained.
+
+The model starts from a run folder (its best.ckpt) or a Hugging Face GPT-2/Llama folder;
+`<|im_start|>` and `<|im_end|>` are added to its tokenizer and embedding when missing.
+Validation is the mean loss over the assistant tokens of held-out conversations: the built-in
+tasks' held-out prompts, or a fixed share of a user's file.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tinyllm import chat
+from tinyllm.checkpoint import CheckpointError, load_checkpoint
+from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
+                         nonnegative_int, positive_float, positive_int)
+from tinyllm.train import (IGNORE_INDEX, PRECISIONS, Run, _int_or_auto, check_run_folder, log,
+                           param_dtype, read_config_file, validate_common)
+
+
+@dataclass
+class SFTConfig:
+    base: str | None = None  # run folder or Hugging Face folder to start from (--from)
+    tokenizer: str | None = None  # for a Hugging Face folder without tokenizer files
+    data: str = "builtin"  # "builtin" (the chat tasks of tinyllm.tasks) or a .jsonl file
+    n_train: int = 20000  # built-in data: training conversations
+    n_val: int = 400  # built-in data: held-out conversations
+    val_fraction: float = 0.05  # a user's file: share held out (chosen by content hash)
+    # low-rank adapters: rank 0 trains every weight
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # optimization (as TrainConfig)
+    steps: int = 400
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    clip: float = 1.0
+    # bookkeeping (as TrainConfig)
+    seed: int = 1337
+    log_every: int = 20
+    eval_every: int = 100
+    eval_iters: int = 25  # held-out batches per evaluation
+    out: str | None = None  # run folder; None: <base>-sft (or -lora)
+    device: str = "cpu"
+    dtype: str = "float32"
+    peak_flops: float | None = None
+    threads: int | None = None
+    data_threads: int | str = "auto"
+    checkpoint_blocks: bool = False
+    quiet: bool = False
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"{source}: unknown fine-tuning settings {unknown}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def validate(self):
+        validate_common(self)
+        check_int("n_train", self.n_train, low=1)
+        check_int("n_val", self.n_val, low=1)
+        check_float("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
+        check_int("lora_rank", self.lora_rank, low=0)
+        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
+        if not self.base:
+            raise UsageError("--from: give the run folder or Hugging Face folder to fine-tune")
+        return self
+
+
+# Settings that may change when resuming (they do not change what a step computes).
+RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
+             "device", "threads", "data_threads", "checkpoint_blocks"}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def builtin_conversations(cfg):
+    """(train, held-out) conversations of the built-in chat tasks."""
+    from tinyllm import tasks
+
+    return (tasks.chat_dataset("train", cfg.n_train, cfg.seed),
+            tasks.chat_dataset("heldout", cfg.n_val, cfg.seed))
+
+
+def split_conversations(convs, val_fraction):
+    """A user's conversations split by the hash of their content: the same conversation always
+    lands on the same side, and at least one is held out."""
+    def bucket(c):
+        h = hashlib.sha256(json.dumps(c, sort_keys=True).encode("utf-8")).digest()
+        return int.from_bytes(h[:8], "little") / 2 ** 64
+
+    val = [c for c in convs if bucket(c) < val_fraction]
+    train = [c for c in convs if bucket(c) >= val_fraction]
+    if not val and len(train) > 1:
+        val, train = train[-1:], train[:-1]
+    if not train:
+        raise UsageError(f"need at least 2 conversations to hold some out, got {len(convs)}")
+    return train, val
+
+
+def encode_examples(convs, tokenizer, max_len):
+    """(x, y) arrays of each conversation that fits `max_len` input positions, and how many
+    did not fit (they are left out: cutting one would train on half an answer)."""
+    out, too_long = [], 0
+    for c in convs:
+        x, y = chat.to_example(c, tokenizer)
+        if len(x) > max_len:
+            too_long += 1
+        elif (y != IGNORE_INDEX).any():
+            out.append((x, y))
+    return out, too_long
+
+
+def pad_batch(examples, pad_id):
+    """Rows padded at their ends to the longest: x with `pad_id`, y with IGNORE_INDEX."""
+    T = max(len(x) for x, _ in examples)
+    X = np.full((len(examples), T), pad_id, np.int64)
+    Y = np.full((len(examples), T), IGNORE_INDEX, np.int64)
+    for i, (x, y) in enumerate(examples):
+        X[i, :len(x)] = x
+        Y[i, :len(y)] = y
+    return X, Y
+
+
+def examples_key(examples):
+    h = hashlib.sha256()
+    for x, y in examples:
+        h.update(np.asarray(x, "<i8").tobytes())
+        h.update(np.asarray(y, "<i8").tobytes())
+    return h.hexdigest()
+
+
+def default_out(cfg):
+    """runs/laptop -> runs/laptop-sft (or -lora)."""
+    base = Path(str(cfg.base).rstrip("/"))
+    return str(base.parent / f"{base.name}-{'lora' if cfg.lora_rank else 'sft'}")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+class SFTRun(Run):
+    """A fine-tuning run: Run's loop over padded conversation batches."""
+
+    command = "sft"
+
+    def default_out(self):
+        return default_out(self.cfg)
+
+    def setup(self, resume_from):
+        cfg = self.cfg
+        self.model, self.tokenizer = self._load_model(resume_from)
+        self.block_size = self.model.config.context_length
+        if cfg.data == "builtin":
+            train, val = builtin_conversations(cfg)
+            source = "built-in chat tasks"
+        else:
+            convs = chat.read_conversations(cfg.data)
+            train, val = split_conversations(convs, cfg.val_fraction)
+            source = str(cfg.data)
+        self.train_examples, long_train = encode_examples(train, self.tokenizer, self.block_size)
+        self.val_examples, long_val = encode_examples(val, self.tokenizer, self.block_size)
+        if long_train + long_val:
+            log(cfg, f"note: left out {long_train + long_val} conversations longer than the "
+                     f"context ({self.block_size} tokens)")
+        if not self.train_examples or not self.val_examples:
+            raise UsageError(f"{source}: no conversation fits the model's context of "
+                             f"{self.block_size} tokens (or none has an assistant turn)")
+        self.val_examples = self.val_examples[:cfg.eval_iters * cfg.batch_size]
+        self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        n_tok = sum(len(x) for x, _ in self.train_examples)
+        n_trained = sum(int((y != IGNORE_INDEX).sum()) for _, y in self.train_examples)
+        self.data_meta = {"key": examples_key(self.train_examples + self.val_examples),
+                          "train_tokens": n_tok, "val_tokens": sum(len(x) for x, _ in self.val_examples)}
+        self.data_summary = (f"data: {source}, {len(self.train_examples):,} train / "
+                             f"{len(self.val_examples):,} held-out conversations, "
+                             f"{n_tok / len(self.train_examples):.0f} tokens each on average, "
+                             f"{100 * n_trained / n_tok:.0f}% of them trained")
+        self.batch_summary = (f"{cfg.batch_size} conversations"
+                              f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}"
+                              f" (padded to the longest)")
+
+    def _load_model(self, resume_from):
+        from tinyllm.generate import load_for_generation
+        from tinyllm.model import GPT, ModelConfig
+        from tinyllm.tokenizer import Tokenizer
+
+        cfg = self.cfg
+        dtype = param_dtype(cfg.dtype)
+        if resume_from is not None:  # the grown model and tokenizer as saved; weights later
+            meta = resume_from["meta"]
+            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
+                                                   dtype=dtype)))
+            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
+        else:
+            model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
+                                                   device=cfg.device, dtype=dtype)
+            model, tokenizer = chat.prepare_for_chat(model, tokenizer)
+        if cfg.lora_rank:
+            from tinyllm.lora import LoRAConfig, apply_lora
+
+            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
+                                         tuple(cfg.lora_targets)))
+        return model, tokenizer
+
+    def describe_model(self):
+        c = self.model.config
+        lora = ""
+        if self.cfg.lora_rank:
+            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
+            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
+        return f"fine-tuning {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
+
+    def micro_batch(self, k):
+        """B conversations drawn by a generator seeded with (seed, k): a pure function of k."""
+        B = self.cfg.batch_size
+        rng = np.random.default_rng([self.cfg.seed, k])
+        idx = rng.choice(len(self.train_examples), size=B, replace=len(self.train_examples) < B)
+        return pad_batch([self.train_examples[i] for i in idx], self.pad_id)
+
+    def val_batches(self):
+        B = self.cfg.batch_size
+        for i in range(0, len(self.val_examples), B):
+            yield pad_batch(self.val_examples[i:i + B], self.pad_id)
+
+    def extra_meta(self):
+        meta = {"kind": "sft"}
+        if getattr(self.model, "lora", None) is not None:
+            meta["lora"] = self.model.lora.to_dict()
+        return meta
+
+    def save(self, name):
+        path = super().save(name)
+        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
+            from tinyllm.lora import save_adapters
+
+            save_adapters(self.run_dir / "adapter.safetensors", self.model,
+                          {"base": str(self.cfg.base), "step": self.step})
+        return path
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def config_from_args(args):
+    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
+    settings, saved, path = {}, None, None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.ckpt" if path.is_dir() else path
+        meta, _ = load_checkpoint(path)
+        if meta.get("kind") != "sft":
+            raise UsageError(f"--resume {args.resume}: not a fine-tuning run (resume it with "
+                             f"tinyllm train --resume)")
+        saved = meta["train_config"]
+        settings.update(saved)
+        settings["out"] = str(path.parent)
+    file_settings = read_config_file(args.config) if args.config else {}
+    settings.update(file_settings)
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.base is not None:
+        cli["base"] = args.base
+    if saved is not None:
+        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
+                   if k not in RESUMABLE and saved.get(k) != v}
+        if changed:
+            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
+                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
+    settings.update(cli)
+    return SFTConfig.from_dict(settings, args.config or "command line").validate()
+
+
+def cmd_sft(args):
+    cfg = config_from_args(args)
+    out = Path(cfg.out or default_out(cfg))
+    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+    if not args.resume and not Path(cfg.base).exists():
+        raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
+    ckpt = None
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.ckpt" if path.is_dir() else path
+        meta, arrays = load_checkpoint(path)
+        ckpt = {"path": path, "meta": meta, "arrays": arrays}
+    cfg.out = str(out)
+    run = SFTRun(cfg, resume_from=ckpt)
+    run.overwrite = args.overwrite
+    summary = run.fit()
+    if summary["diverged"]:
+        return 1
+    if summary["interrupted"]:
+        return 130
+    if not cfg.quiet:
+        show_samples(run)
+    return 0
+
+
+def show_samples(run, n=3):
+    """A few held-out prompts and the model's greedy answers."""
+    from tinyllm.generate import generate
+
+    tok, model = run.tokenizer, run.model
+    print("\n--- held-out samples (greedy) ---")
+    for x, y in run.val_examples[:n]:
+        first = int(np.argmax(y != IGNORE_INDEX))  # the prompt ends where training starts
+        t0 = time.perf_counter()
+        new = generate(model, list(x[:first + 1]), max_new_tokens=48, temperature=0,
+                       stop_tokens=[chat.end_of_turn(tok)])
+        prompt = tok.decode([t for t in x[:first + 1] if t not in tok.inverse_special_tokens])
+        print(f"{prompt.strip()!r} -> {tok.decode(new)!r} ({time.perf_counter() - t0:.2f}s)")
+    print("---")
+
+
+def register(subparsers):
+    from tinyllm.cli import probability
+
+    d = SFTConfig()
+    p = subparsers.add_parser(
+        "sft", help="supervised fine-tuning: teach a base model the chat template",
+        description="Fine-tune a model on conversations (loss on the assistant's tokens only). "
+                    "Settings: SFTConfig defaults < --config file < flags.")
+    p.add_argument("--from", dest="base", metavar="RUN_DIR_OR_HF_FOLDER",
+                   help="the model to start from: a tinyllm run folder or .ckpt, or a Hugging "
+                        "Face GPT-2/Llama folder")
+    p.add_argument("--data", help="a JSON-lines file of conversations, one per line, in any of: "
+                   + "; ".join(chat.FORMATS.values()) + f" (default {d.data}: the built-in tasks)")
+    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
+    p.add_argument("--config", help="TOML or JSON file of settings")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output folder")
+    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -sft or -lora)")
+    p.add_argument("--n-train", type=positive_int, help=f"built-in training conversations ({d.n_train})")
+    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out conversations ({d.n_val})")
+    p.add_argument("--val-fraction", type=probability,
+                   help=f"share of a --data file held out ({d.val_fraction})")
+    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
+                   "weights (0: full fine-tuning, the default)")
+    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
+    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
+                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
+    p.add_argument("--batch-size", type=positive_int, help=f"conversations per micro-batch ({d.batch_size})")
+    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
+    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
+    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
+    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
+    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
+    p.add_argument("--seed", type=int, help=f"({d.seed})")
+    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
+    p.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations ({d.eval_every})")
+    p.add_argument("--eval-iters", type=positive_int, help=f"held-out batches ({d.eval_iters})")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
+    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
+    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
+                   help="CPU: threads that share each micro-batch (auto)")
+    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
+                   help="activation checkpointing: recompute each block in backward")
+    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.set_defaults(func=cmd_sft)
+    return p
