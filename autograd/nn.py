@@ -153,6 +153,47 @@ class Linear(Module):
         return ops.linear(x, self.weight, self.bias)
 
 
+class LoRALinear(Module):
+    """A frozen Linear plus a trainable low-rank update (LoRA, Hu et al. 2021):
+
+        y = x W^T + b + (alpha / rank) (x A^T) B^T,   A (rank, in), B (out, rank)
+
+    `weight` and `bias` are the base layer's own Parameters (so their state-dict names stay
+    e.g. `blocks.0.attn.wq.weight`), frozen here. A starts uniform in +-1/sqrt(in) (PEFT's
+    Kaiming-uniform bound) and B at zero, so the wrapped layer starts equal to the base.
+    """
+
+    def __init__(self, base, rank, alpha, dtype=None, device=None):
+        if not isinstance(base, Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, not {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+            raise ValueError(f"LoRALinear: rank must be a positive integer, not {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"LoRALinear: alpha must be a finite number > 0, not {alpha!r}")
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad = False
+        if self.bias is not None:
+            self.bias.requires_grad = False
+        out_features, in_features = self.weight.shape
+        dtype = self.weight.dtype if dtype is None else dtype
+        device = self.weight.device if device is None else device
+        self.rank, self.alpha, self.scale = int(rank), float(alpha), float(alpha) / int(rank)
+        self.lora_A = _uniform((self.rank, in_features), 1 / np.sqrt(in_features), dtype, device)
+        self.lora_B = _zeros((out_features, self.rank), dtype, device)
+
+    def forward(self, x):
+        return ops.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias)
+
+    def merged(self):
+        """A plain Linear computing the same function: weight W + scale B A, the same bias."""
+        w = self.weight.data + self.scale * (self.lora_B.data @ self.lora_A.data)
+        layer = Linear.__new__(Linear)  # no init: its random draws would be thrown away
+        layer.weight = Parameter(w.astype(self.weight.dtype, copy=False))
+        layer.bias = self.bias
+        return layer
+
+
 class Embedding(Module):
     """A table of `num_embeddings` rows; init normal(0, std), std=1 as in PyTorch."""
 
