@@ -12,6 +12,10 @@ the special tokens after them. A vocabulary loaded from OpenAI's files keeps its
 (the rank): there the single bytes are not ids 0-255 in byte order, so the id of byte `b` is
 `byte_ids[b]`, a table of 256 ids.
 
+A tokenizer file is data, never code: its split pattern is used only when it is a named one
+or passes the safety check of `patterns.check_pattern` (or the caller passes
+`trust_pattern=True`), and every key is checked for presence and type before use.
+
 OpenAI vocabularies are encoded the way tiktoken does it: a piece whose whole bytes are a token
 is that token (tiktoken's fast path; `whole_token_lookup=True`), otherwise it is merged by rank.
 """
@@ -27,7 +31,7 @@ import regex
 
 from tinyllm.atomic import atomic_write
 
-from .patterns import ascii_findall, pattern_name, resolve_pattern
+from .patterns import PatternError, ascii_findall, check_pattern, pattern_name, split_function
 
 FORMAT_NAME = "tinyllm-bpe"
 FORMAT_VERSION = 1
@@ -119,7 +123,10 @@ def _normalize_specials(special_tokens, first_id):
     if isinstance(special_tokens, str):
         special_tokens = [special_tokens]
     if isinstance(special_tokens, dict):
-        return {str(k): int(v) for k, v in special_tokens.items()}
+        for s in special_tokens:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+        return {s: int(i) for s, i in special_tokens.items()}
     if isinstance(special_tokens, (set, frozenset)):
         special_tokens = sorted(special_tokens)
     out = {}
@@ -136,11 +143,14 @@ class Tokenizer:
     `Tokenizer.load`, `Tokenizer.from_tiktoken` or `Tokenizer.from_gpt2`."""
 
     def __init__(self, merges=(), pattern="gpt2", special_tokens=None, byte_ids=None,
-                 whole_token_lookup=False):
+                 whole_token_lookup=False, trust_pattern=False):
         """merges: (a, b, new_id) triples with new_id increasing (the rank order), or (a, b)
         pairs, which get ids 256, 257, ...; byte_ids: the id of each byte (default: the byte
-        value); special_tokens: see `_normalize_specials`, ids default to after the merges."""
-        self.pattern = resolve_pattern(pattern)
+        value); special_tokens: see `_normalize_specials`, ids default to after the merges;
+        pattern: a name ('gpt2', 'gpt4', 'o200k', ...) or a regex, which must pass
+        `check_pattern` (PatternError otherwise) unless `trust_pattern` is true."""
+        self.pattern = check_pattern(pattern, trust=trust_pattern)
+        self.trust_pattern = bool(trust_pattern)
         self.byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
         if len(self.byte_ids) != 256 or len(set(self.byte_ids)) != 256:
             raise ValueError("byte_ids must give 256 distinct ids")
@@ -170,8 +180,7 @@ class Tokenizer:
             self._whole = {vocab[i]: i for i in self.byte_ids}
             self._whole.update((vocab[i], i) for i in self.merges.values())
         self._identity_bytes = self.byte_ids == list(range(256))
-        self._compiled = regex.compile(self.pattern)
-        self._findall = self._compiled.findall
+        self._findall = split_function(self.pattern)
         self._ascii_findall = ascii_findall(self.pattern)
         # No merges and a named pattern (whose pieces tile any text): the ids are the bytes.
         self._bytes_only = (not self.merges and self._identity_bytes
@@ -182,18 +191,21 @@ class Tokenizer:
     # ---- construction -----------------------------------------------------------------------
 
     @classmethod
-    def train(cls, text, vocab_size, pattern="gpt2", special_tokens=None, verbose=False):
+    def train(cls, text, vocab_size, pattern="gpt2", special_tokens=None, verbose=False,
+              trust_pattern=False):
         """Learn `vocab_size - 256` merges from `text` (a str, or an iterable of str such as an
         open file), then register the special tokens after them (default `<|endoftext|>`), so
         `tok.vocab_size == vocab_size + len(special_tokens)`. `vocab_size=256`: bytes only.
-        Ties between equally frequent pairs go to the smallest (left id, right id)."""
+        Ties between equally frequent pairs go to the smallest (left id, right id). A custom
+        `pattern` is checked before any work (see `__init__`)."""
         from .train import train_merges
 
-        pattern = resolve_pattern(pattern)
+        pattern = check_pattern(pattern, trust=trust_pattern)
         specials = _normalize_specials(special_tokens, 0)
         merges = train_merges(text, vocab_size, pattern, special_tokens=list(specials),
                               verbose=verbose)
-        return cls(merges, pattern=pattern, special_tokens=list(specials))
+        return cls(merges, pattern=pattern, special_tokens=list(specials),
+                   trust_pattern=trust_pattern)
 
     @classmethod
     def bytes(cls, special_tokens=None):
@@ -201,13 +213,14 @@ class Tokenizer:
         return cls((), special_tokens=special_tokens)
 
     @classmethod
-    def from_tiktoken(cls, path, pattern=None, special_tokens=None):
+    def from_tiktoken(cls, path, pattern=None, special_tokens=None, trust_pattern=False):
         """Load a tiktoken rank file (`r50k_base.tiktoken`, `cl100k_base.tiktoken`, ...); ids
         equal tiktoken's. Pattern and special tokens default from the file name when it is a
         known one, else to the GPT-2 pattern and `<|endoftext|>` after the last rank."""
         from .openai import from_tiktoken
 
-        return from_tiktoken(cls, path, pattern=pattern, special_tokens=special_tokens)
+        return from_tiktoken(cls, path, pattern=pattern, special_tokens=special_tokens,
+                             trust_pattern=trust_pattern)
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe):
@@ -376,19 +389,20 @@ class Tokenizer:
             f.write(self.to_json())
 
     @classmethod
-    def load(cls, path):
-        """Load a file written by `save`; a corrupt or truncated one raises TokenizerFileError
-        naming the file and the problem."""
+    def load(cls, path, trust_pattern=False):
+        """Load a file written by `save`; a corrupt, truncated or ill-typed one raises
+        TokenizerFileError naming the file and the problem, and so does a custom split pattern
+        that fails `check_pattern` unless `trust_pattern` is true."""
         path = os.fspath(path)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as e:
             raise TokenizerFileError(f"{path}: cannot read: {e.strerror or e}") from None
-        return cls.from_json(raw, source=path)
+        return cls.from_json(raw, source=path, trust_pattern=trust_pattern)
 
     @classmethod
-    def from_json(cls, raw, source="<json>"):
+    def from_json(cls, raw, source="<json>", trust_pattern=False):
         """The tokenizer from `to_json()`'s text (str or bytes); errors name `source`."""
 
         def fail(what):
@@ -415,18 +429,25 @@ class Tokenizer:
             fail("missing sha256 checksum")
         if cls._checksum(doc) != checksum:
             fail("checksum mismatch: the file was modified or corrupted")
-        counts = doc.get("counts") or {}
-        if len(doc["merges"]) != counts.get("merges"):
-            fail(f"{len(doc['merges'])} merges, header says {counts.get('merges')}")
-        if len(doc["special_tokens"]) != counts.get("special_tokens"):
-            fail("special token count does not match the header")
+        problem = _doc_problem(doc)
+        if problem:
+            fail(problem)
+        counts = doc["counts"]
+        if len(doc["merges"]) != counts["merges"]:
+            fail(f"{len(doc['merges'])} merges, header says {counts['merges']}")
+        if len(doc["special_tokens"]) != counts["special_tokens"]:
+            fail(f"{len(doc['special_tokens'])} special tokens, header says "
+                 f"{counts['special_tokens']}")
         try:
             tok = cls(doc["merges"], pattern=doc["pattern"], special_tokens=doc["special_tokens"],
-                      byte_ids=doc["byte_ids"], whole_token_lookup=doc["whole_token_lookup"])
-        except (KeyError, TypeError, ValueError, regex.error) as e:
+                      byte_ids=doc["byte_ids"], whole_token_lookup=doc["whole_token_lookup"],
+                      trust_pattern=trust_pattern)
+        except PatternError as e:
+            fail(str(e))
+        except ValueError as e:
             fail(f"invalid contents: {e}")
-        if tok.vocab_size != counts.get("vocab_size"):
-            fail(f"vocab size {tok.vocab_size}, header says {counts.get('vocab_size')}")
+        if tok.vocab_size != counts["vocab_size"]:
+            fail(f"vocab size {tok.vocab_size}, header says {counts['vocab_size']}")
         return tok
 
     def save_vocab(self, path):
@@ -443,13 +464,67 @@ class Tokenizer:
             elif i in self.inverse_special_tokens:
                 line += "\tspecial"
             lines.append(line)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
     def __repr__(self):
         name = pattern_name(self.pattern) or "custom"
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"pattern={name}, special_tokens={list(self.special_tokens)})")
+
+
+def _type_name(v):
+    """A JSON value's type as Python names it (None for null)."""
+    return "None" if v is None else type(v).__name__
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _doc_problem(doc):
+    """What is missing or ill-typed in a tokenizer file's document, or None: every key the
+    loader reads is checked here, so that a bad file is a message, not a traceback."""
+    for key in ("pattern", "merges", "special_tokens", "byte_ids", "whole_token_lookup",
+                "counts"):
+        if key not in doc:
+            return f"missing key {key!r}"
+    if not isinstance(doc["pattern"], str):
+        return f"key 'pattern' must be a str, got {_type_name(doc['pattern'])}"
+    if doc.get("pattern_name") is not None and not isinstance(doc["pattern_name"], str):
+        return f"key 'pattern_name' must be a str or null, got {_type_name(doc['pattern_name'])}"
+    merges = doc["merges"]
+    want = "a list of [int, int, int]"
+    if not isinstance(merges, list):
+        return f"key 'merges' must be {want}, got {_type_name(merges)}"
+    for k, m in enumerate(merges):
+        if not (isinstance(m, list) and len(m) == 3 and all(map(_is_int, m))):
+            return f"key 'merges' must be {want}, item {k} is {json.dumps(m)[:60]}"
+    specials = doc["special_tokens"]
+    if not isinstance(specials, dict):
+        return f"key 'special_tokens' must be an object of str -> int, got {_type_name(specials)}"
+    for s, i in specials.items():
+        if not _is_int(i):
+            return (f"key 'special_tokens' must be an object of str -> int, {s!r} is "
+                    f"{_type_name(i)}")
+    byte_ids = doc["byte_ids"]
+    if byte_ids is not None and not (isinstance(byte_ids, list) and len(byte_ids) == 256
+                                     and all(map(_is_int, byte_ids))):
+        what = (f"a list of {len(byte_ids)} items" if isinstance(byte_ids, list)
+                else _type_name(byte_ids))
+        return f"key 'byte_ids' must be null or a list of 256 ints, got {what}"
+    if not isinstance(doc["whole_token_lookup"], bool):
+        return (f"key 'whole_token_lookup' must be a bool, got "
+                f"{_type_name(doc['whole_token_lookup'])}")
+    counts = doc["counts"]
+    if not isinstance(counts, dict):
+        return f"key 'counts' must be an object, got {_type_name(counts)}"
+    for key in ("merges", "special_tokens", "vocab_size"):
+        if key not in counts:
+            return f"missing key 'counts.{key}'"
+        if not _is_int(counts[key]):
+            return f"key 'counts.{key}' must be an int, got {_type_name(counts[key])}"
+    return None
 
 
 def render_token(b):

@@ -1,7 +1,9 @@
 """`tinyllm tokenizer train|encode|decode|stats`.
 
 A tokenizer argument (-t) is a file written by `train`/`Tokenizer.save`, a `.tiktoken` rank
-file, or a directory holding GPT-2's `encoder.json` and `vocab.bpe`.
+file, or a directory holding GPT-2's `encoder.json` and `vocab.bpe`. Every path, flag and file
+is checked before any work is done or any file written; a bad one is one line on stderr and
+exit code 2 (see tinyllm/cli.py).
 """
 
 import os
@@ -9,13 +11,53 @@ import sys
 import time
 from collections import Counter
 
+from tinyllm.cli import UsageError, check_int, positive_int
+
+
+# ---- checks of paths and flags -------------------------------------------------------------
+
+def check_input_file(flag, path):
+    """`path` names a readable file ('-' is stdin)."""
+    if path == "-":
+        return
+    if not os.path.exists(path):
+        raise UsageError(f"{flag}: no such file: {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag}: cannot read {path} (permission denied)")
+
+
+def check_output_file(flag, path):
+    """`path` can be written: not a folder, in a folder that exists and is writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}: the folder {os.path.dirname(path) or folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: cannot write in {folder} (permission denied)")
+
+
+def check_text_source(args):
+    """An INPUT file or --text, not both; the file must be readable."""
+    if args.input is not None and args.text is not None:
+        raise UsageError(f"give either INPUT or --text, not both (got {args.input!r} and --text)")
+    if args.input is not None:
+        check_input_file("INPUT", args.input)
+
 
 def read_chunks(path, size=1 << 20):
-    """The text of a file (or stdin for '-') in chunks, for streaming training."""
+    """The text of a file (or stdin for '-') in chunks, for streaming training; text that is
+    not UTF-8 raises ValueError naming the file."""
     f = sys.stdin if path == "-" else open(path, encoding="utf-8", newline="")
     try:
         while True:
-            chunk = f.read(size)
+            try:
+                chunk = f.read(size)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{'stdin' if path == '-' else path}: not UTF-8 text "
+                                 f"({e.reason})") from None
             if not chunk:
                 break
             yield chunk
@@ -30,26 +72,48 @@ def read_text(args):
     return "".join(read_chunks(args.input or "-"))
 
 
-def load_any(spec):
+def load_any(spec, trust_pattern=False):
+    """A saved tokenizer, a .tiktoken rank file or a GPT-2 folder; errors name the path."""
     from tinyllm.tokenizer import Tokenizer
 
+    if not os.path.exists(spec):
+        raise UsageError(f"-t/--tokenizer: no such file or folder: {spec}")
     if os.path.isdir(spec):
-        return Tokenizer.from_gpt2(os.path.join(spec, "encoder.json"),
-                                   os.path.join(spec, "vocab.bpe"))
+        files = [os.path.join(spec, n) for n in ("encoder.json", "vocab.bpe")]
+        if not all(map(os.path.isfile, files)):
+            raise UsageError(f"-t/--tokenizer: {spec} is a folder without GPT-2's encoder.json "
+                             f"and vocab.bpe")
+        return Tokenizer.from_gpt2(*files)
     if spec.endswith(".tiktoken"):
-        return Tokenizer.from_tiktoken(spec)
-    return Tokenizer.load(spec)
+        return Tokenizer.from_tiktoken(spec, trust_pattern=trust_pattern)
+    return Tokenizer.load(spec, trust_pattern=trust_pattern)
 
+
+# ---- the actions ---------------------------------------------------------------------------
 
 def cmd_train(args):
     from tinyllm.tokenizer import Tokenizer
+    from tinyllm.tokenizer.patterns import check_pattern
 
+    check_input_file("INPUT", args.input)
+    check_int("--vocab-size", args.vocab_size, low=256)
+    try:
+        pattern = check_pattern(args.pattern, trust=args.trust_pattern)
+    except ValueError as e:
+        raise UsageError(f"--pattern: {e}") from None
     specials = list(args.special or [])
+    for s in specials:
+        if not s:
+            raise UsageError("--special: a special token must be a non-empty string")
+    check_output_file("-o/--output", args.output)
+    if args.vocab_dump:
+        check_output_file("--vocab-dump", args.vocab_dump)
     if not args.no_endoftext and "<|endoftext|>" not in specials:
         specials.insert(0, "<|endoftext|>")
     t0 = time.perf_counter()
-    tok = Tokenizer.train(read_chunks(args.input), args.vocab_size, pattern=args.pattern,
-                          special_tokens=specials, verbose=not args.quiet)
+    tok = Tokenizer.train(read_chunks(args.input), args.vocab_size, pattern=pattern,
+                          special_tokens=specials, verbose=not args.quiet,
+                          trust_pattern=args.trust_pattern)
     tok.save(args.output)
     if args.vocab_dump:
         tok.save_vocab(args.vocab_dump)
@@ -58,27 +122,31 @@ def cmd_train(args):
 
 
 def cmd_encode(args):
-    tok = load_any(args.tokenizer)
+    check_text_source(args)
+    tok = load_any(args.tokenizer, args.trust_pattern)
     allowed = "all" if args.allow_special else set()
     disallowed = () if args.ordinary_special else "all"
-    try:
-        ids = tok.encode(read_text(args), allowed_special=allowed, disallowed_special=disallowed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # A special token's text in the input is bad input: ValueError, one line, exit 2.
+    ids = tok.encode(read_text(args), allowed_special=allowed, disallowed_special=disallowed)
     print(" ".join(map(str, ids)))
     return 0
 
 
+def parse_ids(words):
+    ids = []
+    for w in words:
+        try:
+            ids.append(int(w))
+        except ValueError:
+            raise UsageError(f"not a token id: {w[:40]!r} (ids are integers)") from None
+    return ids
+
+
 def cmd_decode(args):
-    tok = load_any(args.tokenizer)
-    words = args.ids if args.ids else sys.stdin.read().split()
-    try:
-        ids = [int(w) for w in words]
-        sys.stdout.write(tok.decode(ids))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tok = load_any(args.tokenizer, args.trust_pattern)
+    ids = parse_ids(args.ids if args.ids else sys.stdin.read().split())
+    text = tok.decode(ids)  # an unknown id: ValueError naming it
+    sys.stdout.write(text)
     if not args.no_newline:
         sys.stdout.write("\n")
     return 0
@@ -87,7 +155,10 @@ def cmd_decode(args):
 def cmd_stats(args):
     from tinyllm.tokenizer.bpe import render_token
 
-    tok = load_any(args.tokenizer)
+    check_text_source(args)
+    if args.dump_vocab:
+        check_output_file("--dump-vocab", args.dump_vocab)
+    tok = load_any(args.tokenizer, args.trust_pattern)
     print(repr(tok))
     print(f"vocab size: {tok.vocab_size}  merges: {len(tok.merges)}  "
           f"special tokens: {tok.special_tokens}")
@@ -118,8 +189,12 @@ def register(subparsers):
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on a text file")
     t.add_argument("input", help="training text file ('-' for stdin), read in streaming chunks")
     t.add_argument("--vocab-size", type=int, required=True,
-                   help="bytes + merges (special tokens are added after)")
-    t.add_argument("--pattern", default="gpt2", help="gpt2, gpt4, o200k or a regex")
+                   help="bytes + merges, at least 256 (special tokens are added after)")
+    t.add_argument("--pattern", default="gpt2",
+                   help="gpt2, gpt4 (cl100k), o200k or a regex (which must tile any text and "
+                        "run in linear time, unless --trust-pattern)")
+    t.add_argument("--trust-pattern", action="store_true",
+                   help="use a custom --pattern without the safety check")
     t.add_argument("--special", action="append", metavar="TOKEN",
                    help="an extra special token (repeatable); <|endoftext|> is always added")
     t.add_argument("--no-endoftext", action="store_true", help="do not add <|endoftext|>")
@@ -131,6 +206,9 @@ def register(subparsers):
     def tok_arg(q):
         q.add_argument("-t", "--tokenizer", required=True,
                        help="saved tokenizer, .tiktoken file, or GPT-2 directory")
+        q.add_argument("--trust-pattern", action="store_true",
+                       help="load a tokenizer file whose custom split pattern fails the "
+                            "safety check")
 
     e = sub.add_parser("encode", help="print the token ids of a text")
     tok_arg(e)
@@ -152,7 +230,7 @@ def register(subparsers):
     tok_arg(s)
     s.add_argument("input", nargs="?", help="text file to measure on")
     s.add_argument("--text", help="the text itself instead of a file")
-    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--top", type=positive_int, default=20, help="how many tokens to list")
     s.add_argument("--dump-vocab", help="write a human-readable vocabulary to this file")
     s.set_defaults(func=cmd_stats)
     return p

@@ -15,7 +15,7 @@ import base64
 import json
 import os
 
-from .bpe import ENDOFTEXT, bpe_long, bpe_short, _SHORT_PIECE
+from .bpe import ENDOFTEXT, TokenizerFileError, bpe_long, bpe_short, _SHORT_PIECE
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN, bytes_to_unicode
 
 # Known rank files, by file stem: pattern and special tokens as tiktoken defines them.
@@ -30,19 +30,29 @@ KNOWN_ENCODINGS = {
 }
 
 
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TokenizerFileError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def read_tiktoken_ranks(path):
     """bytes -> rank from a `.tiktoken` file (lines: base64 token, space, rank)."""
     ranks = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not a 'base64 rank' line ({e})") from None
+    for lineno, line in enumerate(_read_bytes(path).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:
+            raise TokenizerFileError(f"{path}:{lineno}: not a 'base64 rank' line ({e})") \
+                from None
+    if not ranks:
+        raise TokenizerFileError(f"{path}: no ranks in the file (empty?)")
     return ranks
 
 
@@ -70,7 +80,7 @@ def recover_merges(ranks):
     return byte_ids, triples
 
 
-def from_tiktoken(cls, path, pattern=None, special_tokens=None):
+def from_tiktoken(cls, path, pattern=None, special_tokens=None, trust_pattern=False):
     ranks = read_tiktoken_ranks(path)
     stem = os.path.basename(os.fspath(path)).split(".")[0]
     known_pattern, known_specials = KNOWN_ENCODINGS.get(stem, (GPT2_PATTERN, None))
@@ -78,25 +88,42 @@ def from_tiktoken(cls, path, pattern=None, special_tokens=None):
         pattern = known_pattern
     if special_tokens is None:
         special_tokens = known_specials or {ENDOFTEXT: max(ranks.values()) + 1}
-    byte_ids, merges = recover_merges(ranks)
+    try:
+        byte_ids, merges = recover_merges(ranks)
+    except ValueError as e:
+        raise TokenizerFileError(f"{path}: {e}") from None
     return cls(merges, pattern=pattern, special_tokens=special_tokens, byte_ids=byte_ids,
-               whole_token_lookup=True)
+               whole_token_lookup=True, trust_pattern=trust_pattern)
 
 
 def from_gpt2(cls, encoder_json, vocab_bpe):
     """GPT-2's files spell each byte as a printable character (`bytes_to_unicode`); the merges
-    in vocab.bpe are listed in rank order and the merged token's id is its encoder.json id."""
-    with open(encoder_json, encoding="utf-8") as f:
-        encoder = json.load(f)
-    with open(vocab_bpe, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    in vocab.bpe are listed in rank order and the merged token's id is its encoder.json id.
+    Errors name the file (and line) and what is wrong."""
+    encoder = _read_encoder(encoder_json)
+    try:
+        lines = _read_bytes(vocab_bpe).decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(f"{vocab_bpe}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
     byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+    missing = [c for c in bytes_to_unicode().values() if c not in encoder]
+    if missing:
+        raise TokenizerFileError(f"{encoder_json}: lacks {len(missing)} of the 256 byte tokens, "
+                                 f"e.g. {missing[0]!r}")
     byte_ids = [encoder[bytes_to_unicode()[b]] for b in range(256)]
     merges = []
-    for line in lines[1:]:  # the first line is "#version: 0.2"
+    for lineno, line in enumerate(lines[1:], 2):  # the first line is "#version: 0.2"
         if not line.strip():
             continue
-        x, y = line.split()
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerFileError(f"{vocab_bpe}:{lineno}: expected two tokens, got {line!r}")
+        x, y = parts
+        for t in (x, y, x + y):
+            if t not in encoder:
+                raise TokenizerFileError(f"{vocab_bpe}:{lineno}: token {t!r} is not in "
+                                         f"{encoder_json}")
         merges.append((encoder[x], encoder[y], encoder[x + y]))
     merges.sort(key=lambda m: m[2])
     made = set(byte_ids) | {m[2] for m in merges}
@@ -104,6 +131,30 @@ def from_gpt2(cls, encoder_json, vocab_bpe):
     for s in specials:
         if any(c not in byte_decoder for c in s) or s.startswith("<|"):
             continue
-        raise ValueError(f"{encoder_json}: token {s!r} is neither a byte, a merge nor special")
-    return cls(merges, pattern=GPT2_PATTERN, special_tokens=specials, byte_ids=byte_ids,
-               whole_token_lookup=True)
+        raise TokenizerFileError(f"{encoder_json}: token {s!r} is neither a byte, a merge nor "
+                                 f"special")
+    try:
+        return cls(merges, pattern=GPT2_PATTERN, special_tokens=specials, byte_ids=byte_ids,
+                   whole_token_lookup=True)
+    except ValueError as e:
+        raise TokenizerFileError(f"{encoder_json} + {vocab_bpe}: {e}") from None
+
+
+def _read_encoder(path):
+    """encoder.json: an object of token string -> int id."""
+    try:
+        encoder = json.loads(_read_bytes(path).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
+    except json.JSONDecodeError as e:
+        raise TokenizerFileError(f"{path}: not a valid JSON document ({e.msg} at line "
+                                 f"{e.lineno} column {e.colno})") from None
+    if not isinstance(encoder, dict):
+        raise TokenizerFileError(f"{path}: must be an object of token -> id, got "
+                                 f"{type(encoder).__name__}")
+    for token, i in encoder.items():
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TokenizerFileError(f"{path}: the id of token {token!r} must be an int, got "
+                                     f"{type(i).__name__}")
+    return encoder

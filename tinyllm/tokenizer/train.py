@@ -24,7 +24,7 @@ from collections import Counter
 
 import regex
 
-from .patterns import ascii_findall
+from .patterns import ascii_findall, split_function
 
 CHUNK_CHARS = 1 << 20
 CARRY_CHARS = 256
@@ -42,9 +42,10 @@ def _as_chunks(text, chunk_chars):
 
 
 def count_pieces(text, pattern, special_tokens=(), chunk_chars=CHUNK_CHARS):
-    """Counter of the pattern's pieces over the whole corpus, streaming in chunks."""
-    compiled = regex.compile(pattern)
-    unicode_findall = compiled.findall
+    """Counter of the pattern's pieces over the whole corpus, streaming in chunks. A custom
+    pattern runs under a timeout and must tile the text (ValueError otherwise; see
+    `patterns.split_function`), so no text is silently left out of the counts."""
+    unicode_findall = split_function(pattern)
     ascii_split = ascii_findall(pattern)
 
     def findall(s):
@@ -76,19 +77,13 @@ def count_pieces(text, pattern, special_tokens=(), chunk_chars=CHUNK_CHARS):
         # follows (a word goes on, "'" becomes "'t", "  " before "x" splits as " " + " x"), so
         # they are carried into the next buffer; earlier ones are final. With the named
         # patterns a piece depends on at most a few characters after it, far below the margin.
-        # Returns (number of final pieces, where the carried text starts).
-        n = len(s)
-        if sum(map(len, pieces)) == n:  # the pieces tile the text (true for the named patterns)
-            k, tail = len(pieces), 0
-            while k > 0 and tail < CARRY_CHARS:
-                k -= 1
-                tail += len(pieces[k])
-            return k, n - tail
-        spans = [m.span() for m in compiled.finditer(s)]
-        for k, (a, b) in enumerate(spans):
-            if b > n - CARRY_CHARS:
-                return k, a
-        return len(spans), max(spans[-1][1] if spans else 0, n - CARRY_CHARS)
+        # Returns (number of final pieces, where the carried text starts). The pieces tile
+        # the text (split_function refuses a custom pattern that leaves gaps).
+        k, tail = len(pieces), 0
+        while k > 0 and tail < CARRY_CHARS:
+            k -= 1
+            tail += len(pieces[k])
+        return k, len(s) - tail
 
     for chunk in _as_chunks(text, chunk_chars):
         parts = specials.split(chunk) if special_tokens else [chunk]
