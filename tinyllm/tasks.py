@@ -418,7 +418,8 @@ def mixed_examples(split, n, seed=DEFAULT_SEED, mix=None):
 
     Each task contributes its share of distinct examples (`examples`); a task with fewer
     distinct examples in the split than its share (qa has a few hundred train examples, so
-    this happens for n beyond a couple of thousand) repeats them, drawn at random.
+    under the default mix this happens for n above about 2,400) repeats them, drawn at
+    random.
     """
     _check_split(split)
     n = _check_count("n", n)
