@@ -204,15 +204,20 @@ def batch(seed=0):
     return rng.integers(0, 64, (4, 16)), rng.integers(0, 64, (4, 16))
 
 
+def cpu(a):
+    return autograd.backend.to_device(a, "cpu")
+
+
 def logits_of(model, idx):
     with no_grad():
         return model(idx)[0].numpy()
 
 
-def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model():
-    model = tiny_gpt()
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model(device):
+    model = tiny_gpt(device=device)
     names_before = set(model.state_dict())
-    base = {name: a.copy() for name, a in model.state_dict().items()}
+    base = {name: cpu(a) for name, a in model.state_dict().items()}
     params = apply_lora(model, LoRAConfig(rank=4, alpha=8))
 
     wrapped = [f"blocks.{i}.{part}" for i in range(2) for part in (
@@ -223,9 +228,9 @@ def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model():
     assert set(lora_state_dict(model)) == {by_id[id(p)] for p in params}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert sorted(trainable) == sorted(by_id[id(p)] for p in params)
-    np.testing.assert_array_equal(logits_of(model, batch()[0]), logits_of(base_model(base), batch()[0]))
-
     idx, targets = batch()
+    np.testing.assert_array_equal(logits_of(model, idx), logits_of(base_model(base, device), idx))
+
     opt = AdamW(params, lr=1e-2, weight_decay=0.0)
     losses = []
     for _ in range(5):
@@ -236,9 +241,9 @@ def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model():
         opt.step()
     assert losses[-1] < losses[0] - 0.05
     for name, a in base.items():  # every base weight bit-identical, and never given a gradient
-        np.testing.assert_array_equal(model.state_dict()[name], a, err_msg=name)
+        np.testing.assert_array_equal(cpu(model.state_dict()[name]), a, err_msg=name)
     assert all(p.grad is None for name, p in model.named_parameters() if name in base)
-    assert all(np.any(p.data) for p in params[1::2])  # every B moved away from zero
+    assert all(np.any(cpu(p.data)) for p in params[1::2])  # every B moved away from zero
 
     wrapped_logits = logits_of(model, idx)
     assert merge_lora(model) is model
@@ -248,14 +253,31 @@ def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model():
     merged_logits = logits_of(model, idx)
     np.testing.assert_allclose(merged_logits, wrapped_logits, rtol=1e-5,
                                atol=1e-5 * np.abs(wrapped_logits).max())
-    assert np.abs(merged_logits - logits_of(base_model(base), idx)).max() > 1e-3
+    assert np.abs(merged_logits - logits_of(base_model(base, device), idx)).max() > 1e-3
 
 
-def base_model(state):
+def base_model(state, device="cpu"):
     """A fresh unwrapped tiny GPT holding `state`."""
-    model = tiny_gpt(seed=99)
+    model = tiny_gpt(seed=99, device=device)
     model.load_state_dict(state)
     return model
+
+
+def test_adapter_gradients_are_the_same_with_activation_checkpointing():
+    idx, targets = batch()
+    grads = []
+    for recompute in (False, True):
+        model = tiny_gpt()
+        params = apply_lora(model, LoRAConfig(rank=2))
+        for p in params[1::2]:  # B != 0, so every gradient of A is non-zero too
+            p.data = np.random.default_rng(4).standard_normal(p.shape).astype(np.float32) * 0.1
+        model.checkpoint_blocks = recompute
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads.append([p.grad for p in params])
+    for plain, recomputed in zip(*grads):
+        assert np.any(plain)
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_apply_lora_refuses_a_wrapped_model_and_targets_that_match_nothing():
