@@ -121,6 +121,7 @@ def build_parser():
     from tinyllm.tokenizer import cli as tokenizer_cli
 
     tokenizer_cli.register(sub)
+    from tinyllm import corpora; corpora.register(sub)  # noqa: E702
     from tinyllm import plot, train
 
     train.register(sub)

@@ -1,7 +1,9 @@
 """From text to training batches.
 
 1. Documents: the built-in corpus (the English help texts that ship inside CPython, so every
-   machine with Python has it), one text file, or a folder of .txt files (one document each).
+   machine with Python has it), a named downloaded corpus (`tinyllm.corpora`), one text file,
+   a JSON-lines file (one document per line: an object with a "text" string, the layout of
+   common web corpora), or a folder of .txt and .jsonl files.
 2. Split into train and validation by documents (about 10% of the characters validate). A
    corpus that cannot be split so (one big file such as tinyshakespeare) is split inside each
    document instead: its first 90% of characters train, the rest validate.
@@ -43,35 +45,115 @@ def builtin_documents():
     return [(name, topics[name].strip() + "\n") for name in sorted(topics)]
 
 
-def read_documents(path):
-    """(name, text) pairs from a text file (one document) or a folder of .txt files (one
-    document per file, found recursively, in sorted path order)."""
+DOCUMENT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_jsonl(path, name):
+    """(name:line, text) for every line of a JSON-lines file: each line a JSON object with a
+    "text" string (other fields are ignored; blank lines are skipped). A bad line raises
+    ValueError naming the file, the line number and what is wrong."""
+    docs = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                                 f"the line)") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e.msg} at column {e.colno})") \
+                    from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"{where}: expected a JSON object with a \"text\" string, got "
+                                 f"{_json_type(doc)}")
+            if "text" not in doc:
+                keys = ", ".join(map(repr, list(doc)[:8])) or "none"
+                raise ValueError(f"{where}: the object has no \"text\" field (its keys: {keys})")
+            if not isinstance(doc["text"], str):
+                raise ValueError(f"{where}: \"text\" must be a string, got "
+                                 f"{_json_type(doc['text'])}")
+            docs.append((f"{name}:{lineno}", doc["text"]))
+    return docs
+
+
+def _json_type(v):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def read_text_file(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def list_corpus_files(folder):
+    """(files, skipped): the .txt and .jsonl files under `folder`, recursively, in sorted path
+    order, and the other files. Hidden files and folders (names starting with '.', such as
+    .git) are neither read nor reported."""
+    files, skipped = [], []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        (files if p.suffix.lower() in DOCUMENT_SUFFIXES else skipped).append(p)
+    return files, skipped
+
+
+def skipped_message(folder, skipped, limit=10):
+    names = ", ".join(str(p.relative_to(folder)) for p in skipped[:limit])
+    more = f", and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return (f"{folder}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+            f"{'are' if len(skipped) > 1 else 'is'} not .txt or .jsonl: {names}{more}")
+
+
+def read_documents(path, quiet=False):
+    """(name, text) pairs from a file or a folder.
+
+    A .jsonl file gives one document per line (`read_jsonl`); any other file is one document
+    of UTF-8 text. A folder gives the documents of its .txt and .jsonl files, found
+    recursively, in sorted path order; the other files in it are skipped and listed in one
+    line on stderr (unless `quiet`)."""
     path = Path(path)
     if path.is_file():
-        files = [path]
+        files, skipped = [path], []
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files, skipped = list_corpus_files(path)
         if not files:
-            raise FileNotFoundError(f"{path}: folder has no .txt files")
+            extra = f" ({skipped_message(path, skipped)})" if skipped else ""
+            raise FileNotFoundError(f"{path}: folder has no .txt or .jsonl files{extra}")
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if skipped and not quiet:
+        print(f"note: {skipped_message(path, skipped)}", file=sys.stderr)
     docs = []
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         name = f.name if f == path else str(f.relative_to(path))
-        docs.append((name, text))
+        if f.suffix.lower() == ".jsonl":
+            docs += read_jsonl(f, name)
+        else:
+            docs.append((name, read_text_file(f)))
     if not any(text for _, text in docs):
         raise ValueError(f"{path}: the corpus is empty")
     return docs
 
 
 def load_corpus(data=None):
-    """Documents of `data` (a path) or of the built-in corpus when it is None/'builtin'."""
+    """Documents of the built-in corpus (`data` None or 'builtin'), of a named corpus from
+    `tinyllm.corpora` (e.g. 'tinyshakespeare', once `tinyllm data get` fetched it), or of a
+    path (a file or folder of that name is written as a path: ./tinyshakespeare)."""
     if data is None or str(data) == "builtin":
         return builtin_documents()
+    from tinyllm import corpora
+
+    if isinstance(data, str) and data in corpora.CORPORA:
+        return read_documents(corpora.corpus_path(data))
     return read_documents(data)
 
 
