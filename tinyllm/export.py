@@ -35,6 +35,7 @@ leaves no half-written export.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -202,7 +203,8 @@ def _cast(tensors, dtype):
     out = {}
     for name, a in tensors.items():
         a32 = np.asarray(a, np.float32)
-        b = np.ascontiguousarray(a32.astype(target))
+        with np.errstate(over="ignore"):  # checked just below
+            b = np.ascontiguousarray(a32.astype(target))
         if np.isfinite(a32).all() and not np.isfinite(b.astype(np.float32)).all():
             raise ValueError(f"{name}: values up to {np.abs(a32).max():.4g} overflow {dtype}; "
                              f"export as float32 or bfloat16")
@@ -242,10 +244,93 @@ def hf_vocab(tokenizer):
     return vocab
 
 
+_BOUNDED = re.compile(r"\{(?:\d+(?:,\d*)?|,\d+)\}")
+
+
+def onig_pattern(pattern):
+    """`pattern` as tokenizers' regex engine (Oniguruma, Ruby syntax) reads it the same way.
+
+    The one difference in our patterns: Ruby reads a bounded repeat followed by `+`, as in
+    GPT-4's `\\p{N}{1,3}+`, as "one or more times {1,3}" (any run of digits), where `regex`
+    reads a possessive {1,3}. An atomic group, `(?>\\p{N}{1,3})`, means the possessive repeat
+    in both. The rest (`++`, `?+`, `*+`, \\p{..}, (?i:..)) means the same in both."""
+    out = []  # pieces; `atom` indexes where the last atom (what a quantifier applies to) starts
+    groups, atom, i = [], None, 0
+    while i < len(pattern):
+        c = pattern[i]
+        bounded = _BOUNDED.match(pattern, i)
+        if bounded and atom is not None:  # a quantifier {n,m}
+            j = bounded.end()
+            if pattern[j:j + 1] == "+":
+                out[atom:] = ["(?>" + "".join(out[atom:]) + bounded.group() + ")"]
+                j += 1
+            else:
+                out.append(bounded.group())
+            i = j
+            continue
+        if c == "\\":
+            m = re.compile(r"\\[pPx]\{[^}]*\}|\\[pP][A-Za-z]|\\x[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f]{4}"
+                           r"|\\.", re.S).match(pattern, i)
+            token = m.group()
+        elif c == "[":
+            token = pattern[i:_class_end(pattern, i)]
+        elif c == "(":
+            groups.append(len(out))
+            out.append(c)
+            i, atom = i + 1, None
+            continue
+        elif c == ")":
+            out.append(c)
+            atom = groups.pop() if groups else None
+            i += 1
+            continue
+        elif c in "|*+?":
+            out.append(c)
+            i += 1
+            atom = None
+            continue
+        else:
+            token = c
+        atom = len(out)
+        out.append(token)
+        i += len(token)
+    return "".join(out)
+
+
+def _class_end(pattern, start):
+    """The index just past the character class `[...]` starting at `start` (nested classes,
+    escapes, and a `]` first in the class taken literally)."""
+    depth, i = 0, start
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":
+            depth += 1
+            i += 1
+            if pattern[i:i + 1] == "^":
+                i += 1
+            if pattern[i:i + 1] == "]":
+                i += 1
+            continue
+        if c == "]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError(f"tokenizer pattern: unterminated character class at {start}: {pattern!r}")
+
+
 def tokenizer_json(tokenizer):
     """The `tokenizers` document (a dict) encoding every text to the ids `tokenizer.encode(
     text, allowed_special="all")` gives."""
     vocab = hf_vocab(tokenizer)
+    # tokenizers numbers added tokens from the BPE vocabulary's size on, ignoring the ids
+    # written for them, unless the BPE vocabulary holds their text: listing them there keeps
+    # ids past gaps (cl100k_base has none at 100256). Being split out before the pre-tokenizer,
+    # their text never reaches BPE, and no merge makes it.
+    vocab.update(tokenizer.special_tokens)
     spell = bytes_to_unicode()
     text = {i: "".join(spell[x] for x in b) for i, b in tokenizer.vocab.items()}
     parents = sorted(tokenizer.merges.items(), key=lambda kv: kv[1])  # rank order
@@ -261,7 +346,7 @@ def tokenizer_json(tokenizer):
         "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
+            {"type": "Split", "pattern": {"Regex": onig_pattern(tokenizer.pattern)}, "behavior": "Isolated",
              "invert": False},
             byte_level,
         ]},
