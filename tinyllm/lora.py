@@ -173,6 +173,9 @@ def save_adapters(path, model, extra_meta=None):
     config = getattr(model, "lora", None)
     if config is None:
         raise ValueError(f"save_adapters: the model has no LoRA adapters to save to {path}")
+    if extra_meta is not None and not isinstance(extra_meta, dict):
+        raise ValueError(f"save_adapters: extra_meta must be a dict, not "
+                         f"{type(extra_meta).__name__}")
     try:
         extra = json.dumps(extra_meta or {})
     except (TypeError, ValueError) as e:
@@ -197,6 +200,9 @@ def load_adapters(path):
         extra = json.loads(meta.get("extra_meta", "{}"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad LoRA metadata: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: bad LoRA metadata: extra_meta is a {type(extra).__name__}, "
+                         "not a dict")
     try:
         arrays = safetensors.load_file(path)
     except (KeyError, TypeError) as e:  # a malformed header entry (load_file names the rest)
