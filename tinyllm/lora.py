@@ -13,8 +13,8 @@ adapters add `<layer>.lora_A` (rank, in) and `<layer>.lora_B` (out, rank), e.g.
 `blocks.0.attn.wq.lora_A`.
 
 The adapter file is a .safetensors file holding only those arrays; its metadata holds
-`lora_config` (LoRAConfig.to_dict as JSON) and `extra_meta` (any JSON the caller passes, e.g.
-the base model's fingerprint).
+`format` ("tinyllm-lora-1", what marks an adapter file), `lora_config` (LoRAConfig.to_dict as
+JSON) and `extra_meta` (a JSON object the caller passes, e.g. the base model's fingerprint).
 """
 
 import dataclasses
