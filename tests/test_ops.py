@@ -244,6 +244,18 @@ def test_linear(device, data):
         check(ops.linear, [x, w], device, lambda x, w: x @ w.T)
 
 
+@grad_test("lora_linear")
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_lora_linear(device, data):
+    fan_in, fan_out, rank = (data.draw(st.integers(1, 4)) for _ in range(3))
+    x = data.draw(float_arrays(data.draw(shapes(0, 2)) + (fan_in,)))
+    w = data.draw(float_arrays((fan_out, fan_in)))
+    a, b = data.draw(float_arrays((rank, fan_in))), data.draw(float_arrays((fan_out, rank)))
+    check(lambda x, w, a, b: ops.lora_linear(x, w, a, b, 0.5), [x, w, a, b], device,
+          lambda x, w, a, b: x @ w.T + 0.5 * (x @ a.T) @ b.T)
+
+
 # ---- reductions -------------------------------------------------------------------------------
 
 def _np_axis(axis):

@@ -132,6 +132,7 @@ def build_parser():
     from tinyllm import sft
 
     sft.register(sub)
+    sft.register_merge(sub)
     from tinyllm import export; export.register(sub)  # noqa: E702
     return parser
 

@@ -435,10 +435,16 @@ def load_for_generation(path, tokenizer=None, device="cpu", dtype=None):
             settings["dtype"] = dtype
         model = GPT(ModelConfig.from_dict(settings))
         weights = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        if meta.get("lora"):  # a LoRA run saves base and adapters: load both, then fold
+            from tinyllm.lora import LoRAConfig, apply_lora, merge_lora
+
+            apply_lora(model, LoRAConfig.from_dict(meta["lora"]))
         try:
             model.load_state_dict(weights)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{ckpt}: weights do not fit the model config: {e}") from None
+        if meta.get("lora"):
+            merge_lora(model)
         if tokenizer is None:
             if not meta.get("tokenizer"):
                 raise CheckpointError(f"{ckpt}: no tokenizer saved; pass one (--tokenizer)")
@@ -524,3 +530,35 @@ def cmd_generate(args):
             out.write((prompt if args.echo else "") + text + "\n")
     out.flush()
     return 0
+
+
+def save_for_generation(out_dir, model, tokenizer, extra_meta=None):
+    """Write a run folder that `load_for_generation` (and so generate, chat, eval, sft) loads:
+    best.ckpt with the weights, model config and tokenizer, plus tokenizer.json and
+    config.json. Written into a temporary folder beside `out_dir`, then renamed: a failure
+    leaves no half-written folder."""
+    import json
+    import shutil
+    import tempfile
+
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.data import tokenizer_fingerprint
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        arrays = {f"model/{k}": backend.to_device(v, "cpu") for k, v in model.state_dict().items()}
+        meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(),
+                "tokenizer_sha256": tokenizer_fingerprint(tokenizer), **(extra_meta or {})}
+        save_checkpoint(tmp / "best.ckpt", meta, arrays)
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(json.dumps({"model": model.config.to_dict(),
+                                                     **(extra_meta or {})}, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

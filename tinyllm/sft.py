@@ -116,8 +116,11 @@ def builtin_conversations(cfg):
     """(train, held-out) conversations of the built-in chat tasks."""
     from tinyllm import tasks
 
+    # Validation on the verifiable tasks alone: a held-out help topic's sentences cannot be
+    # guessed, and their many tokens would swamp the loss on the answers that can.
+    verifiable = {name: 1.0 for name in tasks.verifiable_tasks()}
     return (tasks.chat_dataset("train", cfg.n_train, cfg.seed),
-            tasks.chat_dataset("heldout", cfg.n_val, cfg.seed))
+            tasks.chat_dataset("heldout", cfg.n_val, cfg.seed, mix=verifiable))
 
 
 def split_conversations(convs, val_fraction):
@@ -398,4 +401,57 @@ def register(subparsers):
                    help="activation checkpointing: recompute each block in backward")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.set_defaults(func=cmd_sft)
+    return p
+
+
+# ---- merge-lora -----------------------------------------------------------------------------------
+
+def merge_adapters(base, adapter, tokenizer=None, device="cpu"):
+    """(model, tokenizer): the base model with the chat tokens (rows at the mean, as the
+    fine-tuning run started) and the adapters of `adapter` folded into its weights."""
+    from tinyllm.generate import load_for_generation
+    from tinyllm.lora import load_adapters_into, merge_lora
+
+    model, tok = load_for_generation(base, tokenizer=tokenizer, device=device, dtype="float32")
+    model, tok = chat.prepare_for_chat(model, tok)
+    load_adapters_into(model, adapter)
+    return merge_lora(model), tok
+
+
+def cmd_merge_lora(args):
+    from tinyllm.generate import save_for_generation
+    from tinyllm.lora import load_adapters
+
+    run = Path(args.run_dir)
+    adapter = Path(args.adapter) if args.adapter else run / "adapter.safetensors"
+    if not adapter.is_file():
+        raise UsageError(f"{adapter}: no adapter file (a LoRA fine-tuning run writes "
+                         f"adapter.safetensors in its folder; or pass --adapter FILE)")
+    _, extra, _ = load_adapters(adapter)
+    base = args.base or extra.get("base")
+    if not base or not Path(base).exists():
+        raise UsageError(f"--base: the base model {base!r} of {adapter} is not there; pass "
+                         f"--base RUN_DIR_OR_HF_FOLDER")
+    out = Path(args.out or f"{str(run).rstrip('/')}-merged")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out}: the folder exists and is not empty (pass --overwrite)")
+    model, tok = merge_adapters(base, adapter, tokenizer=args.tokenizer)
+    save_for_generation(out, model, tok, {"kind": "merged-lora", "base": str(base),
+                                          "adapter": str(adapter)})
+    print(f"merged {adapter} into {base} -> {out}")
+    return 0
+
+
+def register_merge(subparsers):
+    p = subparsers.add_parser(
+        "merge-lora", help="fold a LoRA run's adapters into its base model's weights",
+        description="Write a run folder whose weights are W + (alpha / r) B A: the same "
+                    "logits as the base model with the adapters, without them.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a LoRA fine-tuning run folder")
+    p.add_argument("--adapter", help="adapter file (default RUN_DIR/adapter.safetensors)")
+    p.add_argument("--base", help="the base model (default: the one the run started from)")
+    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face base without one")
+    p.add_argument("-o", "--out", help="output run folder (default RUN_DIR-merged)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=cmd_merge_lora)
     return p
