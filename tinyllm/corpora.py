@@ -82,15 +82,15 @@ def fetch(corpus, path, quiet=False):
     """Download `corpus` into `path`: streamed to a temporary file while hashing, renamed over
     `path` only when size and SHA-256 match; otherwise nothing is left behind and
     CorpusError says what went wrong."""
-    if not quiet:
-        print(f"downloading {corpus.name} ({corpus.size / 1e6:.1f} MB) from {corpus.url}",
-              file=sys.stderr, flush=True)
     request = urllib.request.Request(corpus.url, headers={"User-Agent": "tinyllm"})
     h = hashlib.sha256()
     size = 0
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response, \
                 atomic_write(path) as f:
+            if not quiet:  # once the server answered: a refusal stays one line
+                print(f"downloading {corpus.name} ({corpus.size / 1e6:.1f} MB) from "
+                      f"{corpus.url}", file=sys.stderr, flush=True)
             while chunk := response.read(1 << 16):
                 h.update(chunk)
                 size += len(chunk)

@@ -64,9 +64,10 @@ def read_jsonl(path, name):
             if not line.strip():
                 continue
             try:
-                doc = json.loads(line)
+                doc = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not a JSON object ({e.msg} at column {e.colno})") \
+                at = "" if e.msg.endswith(" at") else " at"  # "...starting at", "Expecting value"
+                raise ValueError(f"{where}: not a JSON object ({e.msg}{at} column {e.colno})") \
                     from None
             if not isinstance(doc, dict):
                 raise ValueError(f"{where}: expected a JSON object with a \"text\" string, got "
@@ -271,9 +272,14 @@ def tokenize_documents(docs, tokenizer, label="tokenizing", progress=True):
     eot = tokenizer.eot_id
     total = sum(len(text) for _, text in docs)
     bar = Progress(label, total, unit="M chars", enabled=progress)
+    # The cut points of `_chunks` are safe for the named split patterns; a custom pattern may
+    # match across them, so its documents are encoded whole.
+    from tinyllm.tokenizer.patterns import pattern_name
+
+    size = 1 << 18 if pattern_name(tokenizer.pattern) else None
     parts = []
     for _, text in docs:
-        for chunk in _chunks(text):
+        for chunk in (_chunks(text, size) if size else [text]):
             parts.append(np.asarray(tokenizer.encode_ordinary(chunk), dtype=dtype))
             bar.update(len(chunk))
         if eot is not None:
