@@ -380,12 +380,15 @@ def test_cli_bad_inputs_exit_2_with_one_line(runs, tmp_path, capsys):
         (["export", run, "--to", str(tmp_path / "a"), "--format", "onnx"], "--format"),
         (["export", run, "--to", str(tmp_path / "a"), "--dtype", "int8"], "--dtype"),
         (["export", run], "--to"),
+        (["export", run, "--to", run, "--overwrite"], "would replace"),
+        (["export", os.path.join(run, "last.ckpt"), "--to", run, "--overwrite"], "would replace"),
     ]
     for argv, word in cases:
         assert cli_main(argv) == 2, argv
         assert word in one_error_line(capsys), argv
     assert not (tmp_path / "a").exists()
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    assert (runs["llama"] / "last.ckpt").exists()
 
 
 def test_cli_overwrite_replaces_a_folder(runs, tmp_path, capsys):

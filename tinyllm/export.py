@@ -346,8 +346,8 @@ def tokenizer_json(tokenizer):
         "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": onig_pattern(tokenizer.pattern)}, "behavior": "Isolated",
-             "invert": False},
+            {"type": "Split", "pattern": {"Regex": onig_pattern(tokenizer.pattern)},
+             "behavior": "Isolated", "invert": False},
             byte_level,
         ]},
         "post_processor": None,
@@ -497,6 +497,9 @@ def cmd_export(args):
     check_choice("--dtype", args.dtype, DTYPES)
     if not os.path.exists(args.path):
         raise UsageError(f"RUN_DIR {args.path}: no such file or folder")
+    source, out = Path(args.path).resolve(), Path(args.to).resolve()
+    if out == source or out in source.parents:
+        raise UsageError(f"--to {args.to}: would replace what is being exported ({args.path})")
     check_out_dir(args.to, args.overwrite)
     model, tokenizer = load_for_generation(args.path, tokenizer=args.tokenizer)
     out = export_hf(model, tokenizer, args.to, dtype=args.dtype, overwrite=args.overwrite)
