@@ -328,3 +328,14 @@ def test_cli_trust_pattern_loads_and_trains(files, capsys):
                             "-o", str(d / "t.json"), "-q", "--pattern", r"[^\n]+|\n"], capsys)
     assert code == 0, err
     assert Tokenizer.load(d / "t.json").pattern == r"[^\n]+|\n"
+
+
+def test_header_keys_are_checked_too(small_tok, tmp_path):
+    doc = json.loads(small_tok.to_json())
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(dict(doc, sha256=12)))
+    with pytest.raises(TokenizerFileError, match="key 'sha256' must be a str, got int"):
+        Tokenizer.load(path)
+    write_doc(path, dict(doc, version=True))  # true == 1 in Python, not in the format
+    with pytest.raises(TokenizerFileError, match="unsupported format version True"):
+        Tokenizer.load(path)

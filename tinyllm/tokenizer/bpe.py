@@ -421,12 +421,14 @@ class Tokenizer:
                  f"column {e.colno})")
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             fail(f"not a tinyllm tokenizer file (format field is not {FORMAT_NAME!r})")
-        if doc.get("version") != FORMAT_VERSION:
+        if not _is_int(doc.get("version")) or doc["version"] != FORMAT_VERSION:
             fail(f"unsupported format version {doc.get('version')!r} (this code reads "
                  f"{FORMAT_VERSION})")
         checksum = doc.pop("sha256", None)
         if checksum is None:
             fail("missing sha256 checksum")
+        if not isinstance(checksum, str):
+            fail(f"key 'sha256' must be a str, got {_type_name(checksum)}")
         if cls._checksum(doc) != checksum:
             fail("checksum mismatch: the file was modified or corrupted")
         problem = _doc_problem(doc)
