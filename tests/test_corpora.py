@@ -179,6 +179,11 @@ def test_get_to_a_folder_and_bad_arguments(server, cache, monkeypatch, capsys, t
     assert read_documents(target / "tinyshakespeare.txt") == [("tinyshakespeare.txt",
                                                                BODY.decode())]
     assert not cache.exists()  # --to bypasses the cache
+    (target / "tinyshakespeare.txt").write_text("my own edited copy")
+    code, _, err = run_cli(["data", "get", "tinyshakespeare", "--to", str(target)], capsys)
+    assert code == 2 and one_line(err) and "exists but is not the tinyshakespeare corpus" in err
+    assert (target / "tinyshakespeare.txt").read_text() == "my own edited copy"  # kept
+    assert server.requests == ["/input.txt"]
     code, _, err = run_cli(["data", "get", "wikipedia"], capsys)
     assert code == 2 and one_line(err) and "unknown corpus 'wikipedia'" in err
     code, _, err = run_cli(["data"], capsys)

@@ -120,21 +120,27 @@ def fetch(corpus, path, quiet=False):
 def corpus_path(name, download=False, folder=None, quiet=False):
     """The verified local file of corpus `name`. When it is not there: with `download`,
     fetch it; without, FileNotFoundError telling how to get it. A cached file that does not
-    verify is deleted (and fetched again when `download`). `folder`: instead of the cache."""
+    verify is deleted (and fetched again when `download`). `folder`: use this folder instead
+    of the cache; a file there that does not verify is the user's, so it is reported, never
+    deleted or overwritten."""
     corpus = get_corpus(name)
-    folder = Path(folder) if folder is not None else cache_folder()
+    in_cache = folder is None
+    folder = cache_folder() if in_cache else Path(folder)
     path = folder / corpus.filename
     if path.is_file():
         if sha256_of(path) == corpus.sha256:
             return path
+        if not in_cache:
+            raise CorpusError(f"{path} exists but is not the {name} corpus (its SHA-256 "
+                              f"differs); move it away or choose another folder")
         path.unlink()
         if not download:
             raise CorpusError(f"{path}: the cached {name} does not match its SHA-256 (deleted "
-                                f"it); run `tinyllm data get {name}` to fetch it again")
+                              f"it); run `tinyllm data get {name}` to fetch it again")
     elif not download:
         raise FileNotFoundError(f"corpus {name!r} is not downloaded yet: run `tinyllm data get "
                                 f"{name}` (or pass --data PATH with a local copy)")
-    if folder == cache_folder():
+    if in_cache:
         folder.mkdir(parents=True, exist_ok=True)
     return fetch(corpus, path, quiet=quiet)
 
