@@ -14,7 +14,9 @@ dtypes all behave the same.
    which the loss ignores: the model learns the assistant's answers and where they end.
 2. A row holds one conversation, padded at its end to the longest of the batch (padding
    targets -100 too). Attention is causal, so a token only sees its own conversation: no
-   document mask is needed. Log lines show the share of the batch's tokens that are trained.
+   document mask is needed. A batch is drawn from conversations of about the same length
+   (buckets of 16 tokens), so little of it is padding. Log lines show the share of the
+   batch's tokens that are trained.
 
 The model starts from a run folder (its best.ckpt) or a Hugging Face GPT-2/Llama folder;
 `<|im_start|>` and `<|im_end|>` are added to its tokenizer and embedding when missing.
@@ -55,11 +57,11 @@ class SFTConfig:
     lora_alpha: float | None = None  # None: 2 * rank
     lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     # optimization (as TrainConfig)
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup: int = 20
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -177,6 +179,9 @@ def default_out(cfg):
     return str(base.parent / f"{base.name}-{'lora' if cfg.lora_rank else 'sft'}")
 
 
+BUCKET = 16  # conversations of a batch differ in length by less than this many tokens
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 class SFTRun(Run):
@@ -207,6 +212,7 @@ class SFTRun(Run):
             raise UsageError(f"{source}: no conversation fits the model's context of "
                              f"{self.block_size} tokens (or none has an assistant turn)")
         self.val_examples = self.val_examples[:cfg.eval_iters * cfg.batch_size]
+        self._make_buckets()
         self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
         n_tok = sum(len(x) for x, _ in self.train_examples)
         n_trained = sum(int((y != IGNORE_INDEX).sum()) for _, y in self.train_examples)
@@ -252,11 +258,21 @@ class SFTRun(Run):
         return f"fine-tuning {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
 
     def micro_batch(self, k):
-        """B conversations drawn by a generator seeded with (seed, k): a pure function of k."""
+        """B conversations of one length bucket, drawn by a generator seeded with (seed, k):
+        a pure function of k. The bucket is drawn with probability proportional to its size,
+        so every conversation is as likely as in a plain draw; within a bucket lengths differ
+        by less than BUCKET tokens, so padding stays small."""
         B = self.cfg.batch_size
         rng = np.random.default_rng([self.cfg.seed, k])
-        idx = rng.choice(len(self.train_examples), size=B, replace=len(self.train_examples) < B)
+        bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_p)]
+        idx = rng.choice(bucket, size=B, replace=len(bucket) < B)
         return pad_batch([self.train_examples[i] for i in idx], self.pad_id)
+
+    def _make_buckets(self):
+        lengths = np.array([len(x) for x, _ in self.train_examples])
+        keys = lengths // BUCKET
+        self.buckets = [np.flatnonzero(keys == b) for b in np.unique(keys)]
+        self.bucket_p = np.array([len(b) for b in self.buckets], float) / len(lengths)
 
     def val_batches(self):
         B = self.cfg.batch_size
