@@ -55,7 +55,8 @@ def add_chat_tokens(tokenizer):
     merges = [(a, b, c) for (a, b), c in sorted(tokenizer.merges.items(), key=lambda kv: kv[1])]
     return type(tokenizer)(merges, pattern=tokenizer.pattern, special_tokens=specials,
                            byte_ids=tokenizer.byte_ids,
-                           whole_token_lookup=tokenizer.whole_token_lookup)
+                           whole_token_lookup=tokenizer.whole_token_lookup,
+                           trust_pattern=getattr(tokenizer, "trust_pattern", False))
 
 
 def grow_vocab(model, vocab_size, new_ids):
