@@ -91,6 +91,14 @@ def main():
             trained += int((y != IGNORE_INDEX).sum())
             total += x.size
     t_sft = time_steps(model, params, opt, sft, args.device, shards, args.warmup)
+    # the same number of positions per step as pretraining: more conversations per batch
+    mean_len = total / (args.steps * args.batch)
+    big_b = int(round(args.batch * T / mean_len))
+    run.cfg = SFTConfig(base="-", batch_size=big_b)
+    big = [run.micro_batch(k) for k in range(n)]
+    big_total = sum(x.size for x, _ in big[args.warmup:])
+    big_real = sum(int((x != tok.eot_id).sum()) + len(x) for x, _ in big[args.warmup:])
+    t_big = time_steps(model, params, opt, big, args.device, shards, args.warmup)
 
     steps = args.steps
     print(f"{args.preset} ({model.num_params() / 1e6:.2f}M parameters), batch {args.batch}, "
@@ -104,6 +112,10 @@ def main():
     print(f"| fine-tuning | {args.batch} x {per_step / args.batch:.1f} (mean) | {1e3 * t_sft:.1f} ms "
           f"| {per_step / t_sft:,.0f} | {real / steps / t_sft:,.0f} | {100 * (1 - real / total):.0f}% "
           f"| {100 * trained / total:.0f}% |")
+    per_step = big_total / steps
+    print(f"| fine-tuning, as many positions | {big_b} x {per_step / big_b:.1f} (mean) | "
+          f"{1e3 * t_big:.1f} ms | {per_step / t_big:,.0f} | {big_real / steps / t_big:,.0f} | "
+          f"{100 * (1 - big_real / big_total):.0f}% | - |")
 
 
 if __name__ == "__main__":
