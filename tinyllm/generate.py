@@ -136,6 +136,10 @@ def choose_next(z, seen, rng, temperature=1.0, top_k=None, top_p=None, min_p=Non
 def _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens):
     if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                    ("repetition_penalty", repetition_penalty)):
+        if v is not None and not np.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 0:
@@ -506,6 +510,19 @@ def register(subparsers):
 
 
 def cmd_generate(args):
+    # every setting is checked before the model is loaded
+    _check_sampling(args.temperature, args.top_k, args.top_p, args.min_p,
+                    args.repetition_penalty, args.max_new_tokens)
+    if args.shift is not None and args.shift < 1:
+        raise ValueError(f"--shift: must be a positive integer, got {args.shift}")
+    if args.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
+        raise ValueError(f"--dtype: must be one of float32, float64, float16, bfloat16, got "
+                         f"{args.dtype!r}")
+    if not Path(args.path).exists():
+        raise FileNotFoundError(f"{args.path}: no such run folder, checkpoint or Hugging Face "
+                                f"folder")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or folder")
     model, tok = load_for_generation(args.path, tokenizer=args.tokenizer, device=args.device,
                                      dtype=args.dtype)
     prompts = args.prompt or [""]

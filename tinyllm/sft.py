@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autograd import backend
 from tinyllm import chat
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
@@ -242,12 +243,41 @@ class SFTRun(Run):
             model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
                                                    device=cfg.device, dtype=dtype)
             model, tokenizer = chat.prepare_for_chat(model, tokenizer)
+        self.token_rows = None
         if cfg.lora_rank:
             from tinyllm.lora import LoRAConfig, apply_lora
 
             apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
                                          tuple(cfg.lora_targets)))
+            self._train_chat_rows(model, tokenizer)
         return model, tokenizer
+
+    def _train_chat_rows(self, model, tokenizer):
+        """Under LoRA the embedding rows of the chat tokens train too (PEFT's "trainable
+        tokens"): they start as the mean row, and a frozen tied head could never make
+        <|im_end|> likelier than the average token, so the model could not learn to stop.
+        The embedding takes gradients, and after each step every other row is put back."""
+        self.token_rows = [tokenizer.special_tokens[t] for t in chat.CHAT_TOKENS]
+        self.row_tables = [model.tok_emb] + ([model.lm_head] if model.lm_head is not None else [])
+        keep = np.ones(model.config.vocab_size, bool)
+        keep[self.token_rows] = False
+        self.frozen_rows = backend.to_device(keep, model.tok_emb.weight.device)
+        for layer in self.row_tables:
+            layer.weight.requires_grad = True
+        self.saved_rows = [layer.weight.data[keep].copy() for layer in self.row_tables]
+
+    def train_step(self):
+        out = super().train_step()
+        if self.token_rows is not None:
+            for layer, rows in zip(self.row_tables, self.saved_rows):
+                layer.weight.data[self.frozen_rows] = rows
+        return out
+
+    def chat_rows(self):
+        """The trained embedding rows of the chat tokens (LoRA runs), JSON-able."""
+        return {"ids": self.token_rows,
+                "tables": [backend.to_device(layer.weight.data[self.token_rows], "cpu")
+                           .astype(np.float64).tolist() for layer in self.row_tables]}
 
     def describe_model(self):
         c = self.model.config
@@ -291,7 +321,8 @@ class SFTRun(Run):
             from tinyllm.lora import save_adapters
 
             save_adapters(self.run_dir / "adapter.safetensors", self.model,
-                          {"base": str(self.cfg.base), "step": self.step})
+                          {"base": str(self.cfg.base), "step": self.step,
+                           "chat_rows": self.chat_rows()})
         return path
 
 
@@ -430,7 +461,13 @@ def merge_adapters(base, adapter, tokenizer=None, device="cpu"):
 
     model, tok = load_for_generation(base, tokenizer=tokenizer, device=device, dtype="float32")
     model, tok = chat.prepare_for_chat(model, tok)
-    load_adapters_into(model, adapter)
+    extra = load_adapters_into(model, adapter)
+    rows = extra.get("chat_rows")
+    if rows:  # the chat tokens' embedding rows trained beside the adapters
+        tables = [model.tok_emb] + ([model.lm_head] if model.lm_head is not None else [])
+        for layer, values in zip(tables, rows["tables"]):
+            layer.weight.data[rows["ids"]] = backend.to_device(
+                np.asarray(values, layer.weight.dtype), layer.weight.device)
     return merge_lora(model), tok
 
 
