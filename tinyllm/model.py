@@ -239,6 +239,24 @@ class GPT(Module):
             ops.linear_cross_entropy, which never holds the (B*T, vocab) logits or their
             gradient (for training); the same loss and gradients, one more product in backward.
         """
+        idx = self._check_idx(idx)
+        x = self.hidden(idx, cache, last_only)
+        B, T = idx.shape
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        t = None
+        if targets is not None:
+            t = self._check_idx(targets, "targets")
+            if t.shape != (B, T) or last_only:
+                raise ValueError(f"GPT: targets of shape {t.shape} for idx of shape {(B, T)}")
+            if not return_logits:
+                return None, ops.linear_cross_entropy(x, head, t, ignore_index=-100)
+        logits = ops.linear(x, head)
+        loss = None if t is None else ops.cross_entropy(logits, t, ignore_index=-100)
+        return logits, loss
+
+    def hidden(self, idx, cache=None, last_only=False):
+        """The final normalized hidden states (B, T, d_model), or (B, 1, d_model) with
+        last_only: what the LM head reads (a reward model's scalar head reads them too)."""
         cfg = self.config
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -270,18 +288,7 @@ class GPT(Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        x = self.norm_f(x)
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        t = None
-        if targets is not None:
-            t = self._check_idx(targets, "targets")
-            if t.shape != (B, T) or last_only:
-                raise ValueError(f"GPT: targets of shape {t.shape} for idx of shape {(B, T)}")
-            if not return_logits:
-                return None, ops.linear_cross_entropy(x, head, t, ignore_index=-100)
-        logits = ops.linear(x, head)
-        loss = None if t is None else ops.cross_entropy(logits, t, ignore_index=-100)
-        return logits, loss
+        return self.norm_f(x)
 
     # ---- accounting ----------------------------------------------------------------------------
     def num_params(self, non_embedding=True):
