@@ -986,12 +986,19 @@ def cmd_train(args):
 
 
 def register(subparsers):
+    from tinyllm.cli import (nonnegative_float, nonnegative_int, positive_float, positive_int,
+                             probability)
+    from tinyllm.config import PRESETS
+
+    d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="pretrain a model on a text corpus (default: laptop preset, built-in corpus)",
-        description="Pretrain a model. Settings: TrainConfig defaults < --config file < flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TrainConfig()
-    p.add_argument("--config", help="TOML or JSON file of settings ([model] table for the model)")
+        description="Pretrain a model. Settings: TrainConfig defaults < --config file < flags. "
+                    "Every setting is checked before any work; a folder that holds a run is "
+                    "never replaced without --resume or --overwrite.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML or JSON file of settings (training keys at the top, a [model] table "
+                        "for the model)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in the output folder (refused otherwise)")
@@ -999,46 +1006,69 @@ def register(subparsers):
                    help="start from these trained weights and their tokenizer (a run folder, "
                         ".ckpt or Hugging Face GPT-2/Llama folder) with new data, schedule and "
                         "optimizer: continued pretraining or fine-tuning")
-    p.add_argument("--data", help=f"text file or folder of .txt files (default {d.data})")
-    p.add_argument("--tokenizer", help="a saved tokenizer (default: train one on the data)")
+    p.add_argument("--data", metavar="PATH|NAME",
+                   help="'builtin' (Python's help texts), a .txt or .jsonl file (a 'text' field "
+                        "per line), a folder of them, or a corpus fetched with tinyllm data get "
+                        f"(default {d.data})")
+    p.add_argument("--tokenizer", metavar="FILE", help="a saved tokenizer (default: train one on "
+                                                         "the data, cached)")
     p.add_argument("--char", action="store_true", default=None,
-                   help="byte-level tokenizer, no merges (character level)")
-    p.add_argument("--vocab-size", type=int, help=f"tokenizer vocabulary to train ({d.vocab_size})")
-    p.add_argument("--cache-dir", help="token cache folder (default ~/.cache/tinyllm)")
-    p.add_argument("--preset", help=f"model preset ({d.preset})")
+                   help="byte-level tokenizer, no merges (character level for ASCII)")
+    p.add_argument("--vocab-size", type=positive_int,
+                   help=f"tokenizer vocabulary to train, >= 256 (default {d.vocab_size})")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="token and tokenizer cache (default $TINYLLM_CACHE or ~/.cache/tinyllm)")
+    p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default {d.preset})")
     p.add_argument("-m", "--model", action="append", metavar="KEY=VALUE",
                    help="model setting override, e.g. -m n_layers=6 -m flavour=gpt2 (repeatable)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps ({d.steps})")
-    p.add_argument("--batch-size", type=int, help=f"sequences per micro-batch ({d.batch_size})")
-    p.add_argument("--block-size", type=int, help="tokens per sequence (model context)")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per step ({d.grad_accum})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--min-lr", type=float, help=f"final learning rate ({d.min_lr})")
-    p.add_argument("--warmup", type=int, help=f"warmup steps ({d.warmup})")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"])
-    p.add_argument("--weight-decay", type=float, help=f"AdamW decay ({d.weight_decay})")
-    p.add_argument("--beta1", type=float)
-    p.add_argument("--beta2", type=float)
-    p.add_argument("--clip", type=float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int, help=f"steps between log lines ({d.log_every})")
-    p.add_argument("--eval-every", type=int, help=f"steps between evaluations ({d.eval_every})")
-    p.add_argument("--eval-iters", type=int, help=f"validation batches ({d.eval_iters})")
-    p.add_argument("-o", "--out", help="run folder (default runs/<preset>)")
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--dtype", help="float32 or float64 parameters; or tf32, bfloat16, float16: "
-                   "float32 parameters, matrix products in that precision (float16 with loss scaling)")
-    p.add_argument("--sample-tokens", type=int, help=f"tokens sampled at the end ({d.sample_tokens})")
-    p.add_argument("--prompt", help="prompt for the final sample")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
-    p.add_argument("--threads", type=int, help="BLAS threads on the CPU (default: the library's)")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"sequences per micro-batch (default {d.batch_size})")
+    p.add_argument("--block-size", type=positive_int,
+                   help="tokens per sequence, at most the context (default: the model's context)")
+    p.add_argument("--grad-accum", type=positive_int,
+                   help=f"micro-batches per step (default {d.grad_accum})")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--min-lr", type=nonnegative_float,
+                   help=f"learning rate at the end of the schedule (default {d.min_lr})")
+    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps (default {d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"],
+                   help=f"learning-rate schedule after warmup (default {d.schedule})")
+    p.add_argument("--weight-decay", type=nonnegative_float,
+                   help=f"AdamW decoupled weight decay (default {d.weight_decay})")
+    p.add_argument("--beta1", type=probability, help=f"AdamW beta1, in [0, 1) (default {d.beta1})")
+    p.add_argument("--beta2", type=probability, help=f"AdamW beta2, in [0, 1) (default {d.beta2})")
+    p.add_argument("--clip", type=nonnegative_float,
+                   help=f"gradient-norm clip, 0 = off (default {d.clip})")
+    p.add_argument("--seed", type=int, help=f"seed of weights, batches and dropout (default {d.seed})")
+    p.add_argument("--log-every", type=positive_int,
+                   help=f"steps between log lines (default {d.log_every})")
+    p.add_argument("--eval-every", type=positive_int,
+                   help=f"steps between evaluations and checkpoints (default {d.eval_every})")
+    p.add_argument("--eval-iters", type=positive_int,
+                   help=f"validation batches per evaluation (default {d.eval_iters})")
+    p.add_argument("-o", "--out", metavar="DIR", help="run folder (default runs/<preset>)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float64"] + list(PRECISIONS),
+                   help="float32 or float64 parameters; or tf32, bfloat16, float16: float32 "
+                        "parameters with the matrix products in that precision (float16 with "
+                        "loss scaling; GPU modes, emulated and slow on the CPU) (default float32)")
+    p.add_argument("--sample-tokens", type=nonnegative_int,
+                   help=f"tokens sampled at the end, 0 = none (default {d.sample_tokens})")
+    p.add_argument("--prompt", help="prompt of the final sample (default: a fresh document)")
+    p.add_argument("--temperature", type=nonnegative_float,
+                   help=f"temperature of the final sample (default {d.temperature})")
+    p.add_argument("--top-k", type=nonnegative_int,
+                   help=f"top-k of the final sample, 0 = off (default {d.top_k})")
+    p.add_argument("--peak-flops", type=positive_float,
+                   help="device peak FLOP/s for MFU (default: guessed from the GPU's name)")
+    p.add_argument("--threads", type=positive_int,
+                   help="BLAS threads on the CPU (default: the library's)")
     p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
-                   help="CPU: threads that share each micro-batch, 1 = no split (auto: the "
-                        "usable cores, at most 4)")
+                   help="CPU: threads that share each micro-batch, 1 = no split (default auto: "
+                        "the usable cores, at most 4)")
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
     p.set_defaults(func=cmd_train)
     return p
