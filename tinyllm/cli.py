@@ -134,6 +134,8 @@ def build_parser():
     sft.register(sub)
     sft.register_merge(sub)
     from tinyllm import export; export.register(sub)  # noqa: E702
+    from tinyllm import session; session.register(sub)  # noqa: E702
+    from tinyllm import evaluate; evaluate.register(sub)  # noqa: E702
     return parser
 
 
