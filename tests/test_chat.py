@@ -330,6 +330,26 @@ def test_read_conversations_names_file_and_line(tmp_path):
         read_conversations(path)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "read_conversations splits the file with str.splitlines(), which also breaks lines at "
+    "U+2028, U+2029 and U+0085; JSON allows those characters raw inside strings (json.dumps "
+    "with ensure_ascii=False writes them so), so such a line is refused as invalid JSON and "
+    "the line numbers after it are wrong"))
+def test_read_conversations_keeps_unicode_line_separators_inside_strings(tmp_path):
+    records = [{"prompt": "first\u2028second", "completion": "ok"},
+               {"prompt": "x", "completion": "y\u0085z\u2029"},
+               {"prompt": "c"}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match=r"u\.jsonl:3: has prompt but no 'completion'"):
+        read_conversations(path)
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records[:2]) + "\n",
+                    encoding="utf-8")
+    assert read_conversations(path) == [[msg(U, "first\u2028second"), msg(A, "ok")],
+                                        [msg(U, "x"), msg(A, "y\u0085z\u2029")]]
+
+
 def test_read_conversations_refuses_empty_and_non_utf8_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"empty\.jsonl: no conversations"):

@@ -142,9 +142,10 @@ def test_split_conversations_is_by_content_and_holds_some_out():
 
 # ---- resume ------------------------------------------------------------------------------------
 
-def test_interrupted_sft_resumes_bit_identical(base, tmp_path, monkeypatch, capsys):
+def interrupted_and_resumed(base, tmp_path, monkeypatch, *extra):
+    """(uninterrupted run folder, run folder stopped by Ctrl-C at step 4 then resumed)."""
     full, part = tmp_path / "full", tmp_path / "part"
-    assert cli_main(sft_args(base, full)) == 0
+    assert cli_main(sft_args(base, full, *extra)) == 0
 
     real_step = SFTRun.train_step
 
@@ -155,20 +156,41 @@ def test_interrupted_sft_resumes_bit_identical(base, tmp_path, monkeypatch, caps
         return out
 
     monkeypatch.setattr(SFTRun, "train_step", interrupt_at_4)
-    assert cli_main(sft_args(base, part)) == 130
+    assert cli_main(sft_args(base, part, *extra)) == 130
     monkeypatch.setattr(SFTRun, "train_step", real_step)
     meta, _ = load_checkpoint(part / "last.ckpt")
     assert meta["step"] == 4 and meta["kind"] == "sft"
-    capsys.readouterr()
     assert cli_main(["sft", "--resume", str(part), "-q"]) == 0
-    _, a = load_checkpoint(full / "last.ckpt")
-    _, b = load_checkpoint(part / "last.ckpt")
+    return full, part
+
+
+def assert_same_checkpoints(a_path, b_path):
+    _, a = load_checkpoint(a_path)
+    _, b = load_checkpoint(b_path)
     assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ
+
+
+def test_interrupted_sft_resumes_bit_identical(base, tmp_path, monkeypatch):
+    full, part = interrupted_and_resumed(base, tmp_path, monkeypatch)
+    assert_same_checkpoints(full / "last.ckpt", part / "last.ckpt")
     vals = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()
             if "val_loss" in line]
     assert vals == [3, 6]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LoRA fine-tuning does not resume exactly: SFTRun._train_chat_rows keeps a copy of the "
+    "embedding rows to restore after each step, taken in setup() from the freshly built model "
+    "before Run._restore loads the checkpoint; after --resume the frozen rows of tok_emb no "
+    "longer equal the base run's, and weights and moments differ from an uninterrupted run"))
+def test_interrupted_lora_sft_resumes_bit_identical(base, tmp_path, monkeypatch):
+    full, part = interrupted_and_resumed(base, tmp_path, monkeypatch, "--lora-rank", "2")
+    before = model_arrays(base / "best.ckpt")["tok_emb.weight"]
+    after = model_arrays(part / "last.ckpt")["tok_emb.weight"]
+    assert np.array_equal(after[:len(before)], before)
+    assert_same_checkpoints(full / "last.ckpt", part / "last.ckpt")
 
 
 def test_resume_refuses_other_settings(base, tmp_path, capsys):
