@@ -487,3 +487,34 @@ def test_init_from_starts_a_new_run_from_trained_weights(world, tmp_path, capsys
     meta, _ = load_checkpoint(out / "last.ckpt")
     assert meta["step"] == 2 and [r["step"] for r in metrics(out) if "val_loss" in r] == [2]
     assert meta["model_config"] == source_meta["model_config"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train --init-from uses the source run's model and silently ignores -m overrides: "
+    "-m d_model=64 trains a d_model 32 model while config.json and the checkpoint's "
+    "train_config record model {'d_model': 64}"))
+def test_init_from_refuses_model_overrides_it_cannot_apply(world, tmp_path, capsys):
+    out = tmp_path / "continued"
+    rc, o, err = run_cli(["train", "--init-from", world["run"], "--data", world["corpus"],
+                          "-m", "d_model=64", "--steps", "2", "--eval-every", "2",
+                          "--eval-iters", "1", "--batch-size", "2", "--block-size", "16",
+                          "--sample-tokens", "0", "--cache-dir", world["cache"], "-q", "-o", out],
+                         capsys)
+    assert rc == 2 and "d_model" in assert_one_line(o, err)
+    assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "sft --from RUN -o RUN --overwrite reads its base model from RUN and then deletes RUN's "
+    "checkpoints: the base run is lost (export refuses the same with its --to)"))
+def test_sft_refuses_to_overwrite_the_run_it_starts_from(world, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(world["run"], base)
+    before = folder_hashes(base)
+    rc, o, err = run_cli(["sft", "--from", base, "-o", base, "--overwrite", "--n-train", "60",
+                          "--n-val", "4", "--batch-size", "2", "--eval-iters", "1", "--steps", "2",
+                          "-q"], capsys)
+    assert rc == 2 and str(base) in assert_one_line(o, err)
+    assert folder_hashes(base) == before
