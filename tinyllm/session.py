@@ -88,13 +88,13 @@ class ChatSession:
         self.on_note = on_note
         self.notes = []
         self.stops = stop_ids(tokenizer)
-        self.messages = list(chat.check_messages(list(messages))) if messages else []
-        if system is not None:
-            self.set_system(system)
         self.last_ids = []
         self._cache = None
         self._ids = []  # the ids whose keys and values the cache holds
         self._dropping = False  # said once that old turns are being dropped
+        self.messages = list(chat.check_messages(list(messages))) if messages else []
+        if system is not None:
+            self.set_system(system)
 
     # ---- the conversation ------------------------------------------------------------------
     @property
@@ -109,16 +109,24 @@ class ChatSession:
         if text is not None and not isinstance(text, str):
             raise ValueError(f"system message must be a string, got {type(text).__name__}")
         self.messages = ([{"role": "system", "content": text}] if text else []) + turns
+        self._keep_prefix_of(self._rendered())
 
     def reset(self):
         """Forget every turn; the system message stays (and so does its part of the cache)."""
         self.messages = self.messages[:1] if self.system is not None else []
         self._dropping = False
+        self._keep_prefix_of(self._rendered())
 
     @property
     def cached_ids(self):
         """The token ids the KV cache holds: always a prefix of the rendered conversation."""
         return list(self._ids)
+
+    def _rendered(self):
+        """The ids of the conversation so far (an empty one is the document start only)."""
+        if self.messages:
+            return render(self.messages, self.tokenizer)[0]
+        return [] if self.tokenizer.eot_id is None else [self.tokenizer.eot_id]
 
     def _note(self, text):
         self.notes.append(text)
@@ -203,7 +211,7 @@ class ChatSession:
             self.model.train(was_training)
             self.last_ids = tokens
             self.messages = self.messages + [{"role": "assistant", "content": row.text}]
-            self._keep_prefix_of(render(self.messages, self.tokenizer)[0])
+            self._keep_prefix_of(self._rendered())
 
     # ---- the cache -------------------------------------------------------------------------
     def _prefill(self, target):
@@ -216,17 +224,13 @@ class ChatSession:
 
     def _feed(self, ids):
         """Run `ids` after the cached ones; the logits (V,) after the last one."""
-        n = len(self._ids)
-        try:
-            logits = _forward(self.model, np.asarray([ids], np.int64), self._cache)
-        except BaseException:  # interrupted or failed: forget any half-written positions
-            self._cache.crop(n)
-            raise
+        logits = _forward(self.model, np.asarray([ids], np.int64), self._cache)
         self._ids.extend(ids)
         return logits[0]
 
     def _keep_prefix_of(self, ids):
-        """Crop the cache to its longest common prefix with `ids`."""
+        """Crop the cache to its longest common prefix with `ids` (which also forgets any
+        positions an interrupted forward added after the last recorded id)."""
         p = common_prefix(self._ids, ids)
         del self._ids[p:]
         if self._cache is not None:
