@@ -59,6 +59,7 @@ def test_short_sft_lowers_the_heldout_assistant_loss(base, tmp_path):
     summary = run.fit()
     after = run.evaluate()
     assert not summary["diverged"] and summary["step"] == 40
+    print(f"held-out assistant loss {before:.3f} -> {after:.3f}")
     assert after < before - 0.3, (before, after)
     records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text()
                .splitlines()]
@@ -71,12 +72,21 @@ def test_short_sft_lowers_the_heldout_assistant_loss(base, tmp_path):
 
 
 def test_validation_counts_only_assistant_tokens(base, tmp_path):
-    run = SFTRun(sft_config(base, tmp_path / "sft"))
+    from tinyllm.sft import builtin_conversations
+
+    cfg = sft_config(base, tmp_path / "sft")
+    run = SFTRun(cfg)
+    held_out = builtin_conversations(cfg)[1]
+    answers = {c[-1]["content"] + chat.IM_END for c in held_out}
+    assert len(run.val_examples) == 8  # eval_iters x batch_size of them
     for x, y in run.val_examples:
         trained = y[y != IGNORE_INDEX].tolist()
-        text = run.tokenizer.decode(trained)
-        assert text.endswith(chat.IM_END) and "user" not in text
+        assert run.tokenizer.decode(trained) in answers
         assert trained[-1] == run.tokenizer.special_tokens[chat.IM_END]
+    # the held-out prompts are not training prompts
+    prompts = {run.tokenizer.decode(x.tolist()).split("user\n")[1] for x, _ in run.train_examples}
+    assert not prompts & {run.tokenizer.decode(x.tolist()).split("user\n")[1]
+                          for x, _ in run.val_examples}
 
 
 # ---- batches -----------------------------------------------------------------------------------
