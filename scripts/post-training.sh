@@ -56,9 +56,10 @@ for line in sys.stdin:
     echo "{\"step\": \"eval-$1\", \"device\": \"$DEVICE\", \"seconds\": $((SECONDS - t0))}" >> "$results"
 }
 
-step base "$PYTHON" -m tinyllm train --out "$OUT/base" --overwrite "${BASE_ARGS[@]}"
-step sft "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/sft" --overwrite "${SFT_ARGS[@]}"
-step lora "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/lora" --overwrite "${LORA_ARGS[@]}"
+# BASE_EXTRA / SFT_EXTRA: more flags (e.g. "--steps 5" for a smoke run)
+step base "$PYTHON" -m tinyllm train --out "$OUT/base" --overwrite "${BASE_ARGS[@]}" ${BASE_EXTRA:-}
+step sft "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/sft" --overwrite "${SFT_ARGS[@]}" ${SFT_EXTRA:-}
+step lora "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/lora" --overwrite "${LORA_ARGS[@]}" ${SFT_EXTRA:-}
 step merge "$PYTHON" -m tinyllm merge-lora "$OUT/lora" --out "$OUT/lora-merged" --overwrite
 evaluate base "$OUT/base"
 evaluate sft "$OUT/sft"
