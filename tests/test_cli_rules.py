@@ -42,6 +42,8 @@ def world(tmp_path_factory):
     good = tmp / "good.jsonl"
     good.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
     w["good_jsonl"] = good
+    w["one_jsonl"] = tmp / "one.jsonl"
+    w["one_jsonl"].write_text('{"prompt": "a", "completion": "b"}\n')
     w["empty_dir"] = tmp / "empty"
     w["empty_dir"].mkdir()
     w["binary"] = tmp / "binary.txt"
@@ -178,6 +180,11 @@ BAD_INPUT = [
     ("sft-tokenizer-missing",
      lambda w, new: sft_args(w, new, "--steps", "2", "--tokenizer", "/no/tok.json"),
      "/no/tok.json"),
+    ("sft-data-one-conversation",
+     lambda w, new: sft_args(w, new, "--steps", "2", "--data", w["one_jsonl"]), "one.jsonl"),
+    ("sft-resume-other-data",
+     lambda w, new: ["sft", "--resume", w["sft"], "--data", w["good_jsonl"], "-q"],
+     "cannot resume with other settings"),
     ("sft-steps-zero", lambda w, new: sft_args(w, new, "--steps", "0"), "steps"),
     ("sft-lr-negative", lambda w, new: sft_args(w, new, "--lr", "-1"), "lr"),
     ("sft-dtype", lambda w, new: sft_args(w, new, "--steps", "2", "--dtype", "float8"), "float8"),
@@ -340,6 +347,27 @@ def test_internal_error_is_one_line_and_a_traceback_file(world, tmp_path, capsys
     monkeypatch.setenv("TINYLLM_DEBUG", "1")
     with pytest.raises(RuntimeError, match="simulated bug"):
         cli_main(train_args(world, tmp_path / "run2", "--steps", "2"))
+
+
+def test_internal_error_report_falls_back_to_the_temporary_folder(world, tmp_path, capsys,
+                                                                   monkeypatch):
+    import tempfile
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TINYLLM_CACHE", str(blocker))
+    monkeypatch.delenv("TINYLLM_DEBUG", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdir"))
+
+    def two_lines(*args, **kwargs):
+        raise TypeError("first line\nsecond line")
+
+    monkeypatch.setattr(train_mod, "accumulate_grads", two_lines)
+    rc, out, err = run_cli(train_args(world, tmp_path / "run", "--steps", "2"), capsys)
+    line = assert_one_line(out, err)
+    assert rc == 1 and "TypeError" in line and "first line second line" in line
+    path = Path(line.split("traceback in ")[1].strip())
+    assert path.parent == tmp_path / "tmpdir" and "in two_lines" in path.read_text()
 
 
 def test_internal_error_in_sft(world, tmp_path, capsys, monkeypatch):
