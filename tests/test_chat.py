@@ -169,6 +169,14 @@ def test_add_chat_tokens_keeps_old_ids(bpe):
     check_add_chat_tokens(Tokenizer.bytes())
 
 
+def test_add_chat_tokens_keeps_a_trusted_pattern():
+    pattern = r"[a-z]+| "  # leaves characters out: only usable when trusted
+    old = Tokenizer.train("the cat sat on the mat " * 20, 270, pattern=pattern, trust_pattern=True)
+    new = add_chat_tokens(old)
+    assert new.trust_pattern and new.pattern == pattern
+    assert new.encode_ordinary("the cat sat") == old.encode_ordinary("the cat sat")
+
+
 def test_add_chat_tokens_survives_save_and_load(bpe, tmp_path):
     new = add_chat_tokens(bpe)
     new.save(tmp_path / "tok.json")
