@@ -136,6 +136,7 @@ def build_parser():
     from tinyllm import export; export.register(sub)  # noqa: E702
     from tinyllm import session; session.register(sub)  # noqa: E702
     from tinyllm import evaluate; evaluate.register(sub)  # noqa: E702
+    from tinyllm import dpo; dpo.register(sub)  # noqa: E702
     from tinyllm import reward; reward.register(sub)  # noqa: E702
     return parser
 

@@ -1,0 +1,617 @@
+"""Direct Preference Optimization: a chat model learns to prefer chosen replies to rejected ones.
+
+    tinyllm dpo --from runs/laptop-sft                       # the built-in preference pairs
+    tinyllm dpo --from runs/laptop-sft --data pairs.jsonl    # your own pairs
+    tinyllm dpo --from runs/laptop-sft --lora-rank 8         # low-rank adapters, base frozen
+    tinyllm dpo --resume runs/laptop-sft-dpo                 # continue exactly where it stopped
+
+It runs on `tinyllm train`'s loop (train.Run), as `tinyllm sft` does: config files, log lines,
+metrics.jsonl, checkpoints, exact --resume, devices, dtypes and LoRA behave the same. What
+differs is the step: each batch of pairs goes through the model once (chosen and rejected
+replies in one padded batch), and the loss is DPO's (`tinyllm.posttrain.dpo_loss`) instead of
+next-token cross-entropy.
+
+The reference model is the starting model, frozen. It is never needed again after its
+log-probabilities of every training and held-out pair are computed, once, before training:
+they are kept in the run folder (reference_logps.npz, with a fingerprint of the data and of
+the starting model) and reused on --resume, so training holds one model in memory.
+
+Log lines and metrics.jsonl carry TRL's metrics: rewards/chosen, rewards/rejected,
+rewards/margins and rewards/accuracies (means over the pairs since the last line), and the
+same on the held-out pairs at each evaluation (val_ prefixed). The validation loss is the
+held-out DPO loss; best.ckpt is the lowest one.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import autograd
+from autograd import backend
+from tinyllm import chat, posttrain, preference
+from tinyllm.atomic import atomic_write
+from tinyllm.checkpoint import CheckpointError, load_checkpoint
+from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
+                         nonnegative_int, positive_float, positive_int)
+from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log, param_dtype,
+                           read_config_file, run_slices, validate_common)
+
+REFERENCE_FILE = "reference_logps.npz"
+
+
+@dataclass
+class DPOConfig:
+    base: str | None = None  # the model to start from, usually an SFT run folder (--from)
+    tokenizer: str | None = None  # for a Hugging Face folder without tokenizer files
+    data: str = "builtin"  # "builtin" (tinyllm.preference.builtin_pairs) or a .jsonl file
+    n_train: int = 4000  # built-in data: training pairs
+    n_val: int = 400  # built-in data: held-out pairs
+    val_fraction: float = 0.05  # a user's file: share held out (chosen by content hash)
+    # the objective
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0
+    # low-rank adapters: rank 0 trains every weight
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # optimization (as TrainConfig)
+    steps: int = 200
+    batch_size: int = 32  # pairs per micro-batch (twice as many sequences)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    clip: float = 1.0
+    # bookkeeping (as TrainConfig)
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 50
+    eval_iters: int = 25  # held-out batches per evaluation (at most)
+    out: str | None = None  # run folder; None: <base>-dpo
+    device: str = "cpu"
+    dtype: str = "float32"
+    peak_flops: float | None = None
+    threads: int | None = None
+    data_threads: int | str = "auto"
+    checkpoint_blocks: bool = False
+    quiet: bool = False
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"{source}: unknown DPO settings {unknown}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def validate(self):
+        validate_common(self)
+        check_int("n_train", self.n_train, low=1)
+        check_int("n_val", self.n_val, low=1)
+        check_float("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
+        check_float("beta", self.beta, low=0, low_open=True)
+        check_choice("loss", self.loss, posttrain.LOSS_TYPES)
+        check_float("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise UsageError(f"label_smoothing: is for the sigmoid loss, not {self.loss!r} "
+                             f"(got {self.label_smoothing!r})")
+        check_int("lora_rank", self.lora_rank, low=0)
+        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
+        if not self.base:
+            raise UsageError("--from: give the run folder (usually a fine-tuned chat model) to "
+                             "start from")
+        if self.data != "builtin" and not Path(self.data).is_file():
+            raise UsageError(f"--data {self.data}: no such file (give a JSON-lines file of "
+                             f"{preference.FORMAT}, or builtin)")
+        return self
+
+
+# Settings that may change when resuming (they do not change what a step computes).
+RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
+             "device", "threads", "data_threads", "checkpoint_blocks"}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def split_pairs(pairs, val_fraction):
+    """A user's pairs split by the hash of their content: the same pair always lands on the
+    same side, and at least one is held out."""
+    def bucket(p):
+        h = hashlib.sha256(json.dumps(preference.pair_record(p), sort_keys=True)
+                           .encode("utf-8")).digest()
+        return int.from_bytes(h[:8], "little") / 2 ** 64
+
+    val = [p for p in pairs if bucket(p) < val_fraction]
+    train = [p for p in pairs if bucket(p) >= val_fraction]
+    if not val and len(train) > 1:
+        val, train = train[-1:], train[:-1]
+    if not train:
+        raise UsageError(f"need at least 2 preference pairs to hold some out, got {len(pairs)}")
+    return train, val
+
+
+def encode_pairs(pairs, tokenizer, max_len):
+    """Encoded pairs (`posttrain.encode_pair`) whose replies fit `max_len` + 1 tokens (the
+    model reads all but the last), and how many did not (left out: a cut reply would be
+    scored on half of it)."""
+    out, too_long = [], 0
+    for p in pairs:
+        (c, cm), (r, rm) = enc = posttrain.encode_pair(p, tokenizer)
+        if max(len(c), len(r)) > max_len + 1:
+            too_long += 1
+        else:
+            out.append(enc)
+    return out, too_long
+
+
+def encoded_key(encoded):
+    """SHA-256 of the encoded pairs: ids and completion masks of every reply, in order."""
+    h = hashlib.sha256()
+    for pair in encoded:
+        for ids, mask in pair:
+            h.update(np.asarray(ids, "<i8").tobytes())
+            h.update(np.packbits(mask).tobytes())
+            h.update(len(ids).to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+def model_fingerprint(model, dtype):
+    """SHA-256 of a model's weights (in name order) and the precision it computes in: two
+    models with the same fingerprint give the same log-probabilities."""
+    h = hashlib.sha256(str(dtype).encode())
+    for name, value in sorted(model.state_dict().items()):
+        a = np.ascontiguousarray(backend.to_device(value, "cpu"))
+        h.update(name.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def default_out(cfg):
+    """runs/laptop-sft -> runs/laptop-sft-dpo."""
+    base = Path(str(cfg.base).rstrip("/"))
+    return str(base.parent / f"{base.name}-dpo")
+
+
+# ---- the reference: log-probabilities of the starting model, computed once -------------------
+
+def reference_logprobs(model, encoded, batch_size, pad_id):
+    """(N, 2) float64 array: the model's (chosen, rejected) log-probabilities of every encoded
+    pair, in batches of `batch_size` pairs, without gradients."""
+    out = np.empty((len(encoded), 2), np.float64)
+    training = model.training
+    model.eval()
+    try:
+        with autograd.no_grad():
+            for i in range(0, len(encoded), batch_size):
+                c, r = posttrain.pair_logprobs(model, encoded[i:i + batch_size], pad_id)
+                out[i:i + len(c.data), 0] = backend.to_device(c.data, "cpu")
+                out[i:i + len(r.data), 1] = backend.to_device(r.data, "cpu")
+    finally:
+        model.train(training)
+    return out
+
+
+def save_reference(path, fingerprint, train_logps, val_logps):
+    """The reference log-probabilities and what they are of, written all at once."""
+    with atomic_write(path) as f:
+        np.savez(f, fingerprint=np.array(fingerprint), train=train_logps, val=val_logps)
+
+
+def load_reference(path, fingerprint):
+    """(train, val) log-probabilities of a reference file made for `fingerprint`, or None
+    when there is none or it was made for other data or another starting model."""
+    try:
+        with np.load(path) as f:
+            if str(f["fingerprint"]) != fingerprint:
+                return None
+            return f["train"], f["val"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+class DPORun(Run):
+    """A DPO run: Run's loop with the DPO step and evaluation."""
+
+    command = "dpo"
+
+    def default_out(self):
+        return default_out(self.cfg)
+
+    def setup(self, resume_from):
+        cfg = self.cfg
+        self.model, self.tokenizer, start = self._load_model(resume_from)
+        self.block_size = self.model.config.context_length
+        if cfg.data == "builtin":
+            train = preference.builtin_pairs("train", cfg.n_train, cfg.seed)
+            val = preference.builtin_pairs("heldout", cfg.n_val, cfg.seed)
+            source = "built-in preference pairs"
+        else:
+            train, val = split_pairs(preference.read_pairs(cfg.data), cfg.val_fraction)
+            source = str(cfg.data)
+        self.train_pairs, long_train = encode_pairs(train, self.tokenizer, self.block_size)
+        self.val_pairs, long_val = encode_pairs(val, self.tokenizer, self.block_size)
+        if long_train + long_val:
+            log(cfg, f"note: left out {long_train + long_val} pairs longer than the context "
+                     f"({self.block_size} tokens)")
+        if not self.train_pairs or not self.val_pairs:
+            raise UsageError(f"{source}: no preference pair fits the model's context of "
+                             f"{self.block_size} tokens")
+        self.val_pairs = self.val_pairs[:cfg.eval_iters * cfg.batch_size]
+        self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        self.data_meta = {"key": encoded_key(self.train_pairs + self.val_pairs),
+                          "train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs)}
+        self._lengths()
+        self._reference(start, resume_from)
+        self.stats = {}  # training metrics summed since the last log line
+        self.recording = False  # inside fit(): metrics are logged and recorded
+        n_tok = sum(len(c) + len(r) for (c, _), (r, _) in self.train_pairs)
+        self.data_summary = (f"data: {source}, {len(self.train_pairs):,} train / "
+                             f"{len(self.val_pairs):,} held-out pairs, "
+                             f"{n_tok / len(self.train_pairs) / 2:.0f} tokens per reply "
+                             f"on average")
+        self.batch_summary = (f"{cfg.batch_size} pairs"
+                              f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}"
+                              f" (chosen and rejected in one batch; beta {cfg.beta}, "
+                              f"{cfg.loss} loss)")
+
+    def _load_model(self, resume_from):
+        """(model, tokenizer, starting fingerprint): the starting model's fingerprint, or
+        None when resuming (the model then has no trained weights yet; they come later)."""
+        from tinyllm.generate import load_for_generation
+        from tinyllm.model import GPT, ModelConfig
+        from tinyllm.tokenizer import Tokenizer
+
+        cfg = self.cfg
+        dtype = param_dtype(cfg.dtype)
+        fingerprint = None
+        if resume_from is not None:
+            meta = resume_from["meta"]
+            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
+                                                   dtype=dtype)))
+            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
+        else:
+            model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
+                                                   device=cfg.device, dtype=dtype)
+            if not chat.has_chat_tokens(tokenizer):
+                log(cfg, f"note: {cfg.base} has no chat tokens (not a fine-tuned chat model); "
+                         f"they are added now, untrained: DPO usually starts from tinyllm sft")
+            model, tokenizer = chat.prepare_for_chat(model, tokenizer)
+            fingerprint = model_fingerprint(model, cfg.dtype)
+        if cfg.lora_rank:
+            from tinyllm.lora import LoRAConfig, apply_lora
+
+            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
+                                         tuple(cfg.lora_targets)))
+        return model, tokenizer, fingerprint
+
+    def _lengths(self):
+        """Reply token counts: IPO compares length-averaged log-probabilities (as TRL does)."""
+        self.train_len = np.stack(posttrain.reply_lengths(self.train_pairs), axis=1)
+        self.val_len = np.stack(posttrain.reply_lengths(self.val_pairs), axis=1)
+
+    def _reference(self, start, resume_from):
+        """self.ref_train, self.ref_val: the starting model's log-probabilities of every pair,
+        from the run folder's reference file when it was made for these pairs and this
+        starting model, else computed now (and saved). On resume the starting model is the
+        one the checkpoint names; it is loaded only if the file is missing or stale."""
+        cfg = self.cfg
+        path = self.run_dir / REFERENCE_FILE
+        if resume_from is not None:
+            start = resume_from["meta"].get("reference_model")
+            if start is None:
+                raise CheckpointError(f"{resume_from['path']}: not a DPO checkpoint (no "
+                                      f"reference model fingerprint)")
+        key = hashlib.sha256(f"{start}:{self.data_meta['key']}".encode()).hexdigest()
+        self.reference_model = start
+        found = load_reference(path, key)
+        if found is not None:
+            self.ref_train, self.ref_val = found
+            log(cfg, f"reference log-probabilities: {path} (reused)")
+            return
+        model = self.model
+        if resume_from is not None:  # the trained weights are not the reference: reload it
+            model = self._starting_model(start)
+        t0 = time.perf_counter()
+        self.ref_train = reference_logprobs(model, self.train_pairs, cfg.batch_size, self.pad_id)
+        self.ref_val = reference_logprobs(model, self.val_pairs, cfg.batch_size, self.pad_id)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_reference(path, key, self.ref_train, self.ref_val)
+        log(cfg, f"reference log-probabilities of {len(self.train_pairs) + len(self.val_pairs):,} "
+                 f"pairs computed in {time.perf_counter() - t0:.1f}s, saved to {path}")
+
+    def _starting_model(self, fingerprint):
+        """The model the run started from, loaded again; it must still be the same."""
+        from tinyllm.generate import load_for_generation
+
+        cfg = self.cfg
+        model, tok = load_for_generation(cfg.base, tokenizer=cfg.tokenizer, device=cfg.device,
+                                         dtype=param_dtype(cfg.dtype))
+        model, _ = chat.prepare_for_chat(model, tok)
+        if model_fingerprint(model, cfg.dtype) != fingerprint:
+            raise CheckpointError(f"{cfg.base}: the starting model changed since the run began, "
+                                  f"and {self.run_dir / REFERENCE_FILE} (its log-probabilities) "
+                                  f"is missing or stale")
+        return model
+
+    def describe_model(self):
+        c = self.model.config
+        lora = ""
+        if self.cfg.lora_rank:
+            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
+            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
+        return f"DPO from {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
+
+    # ---- batches and the loss ------------------------------------------------------------------
+    def micro_batch(self, k):
+        """Indices of the B training pairs of micro-batch k, drawn by a generator seeded with
+        (seed, k): a pure function of k, so a resumed run draws the same batches."""
+        rng = np.random.default_rng([self.cfg.seed, k])
+        n = len(self.train_pairs)
+        return rng.choice(n, size=self.cfg.batch_size, replace=n < self.cfg.batch_size)
+
+    def pair_losses(self, encoded, ref, lengths):
+        """(losses Tensor, chosen rewards, rejected rewards) of encoded pairs, given their
+        reference log-probabilities (N, 2) and reply lengths (N, 2)."""
+        cfg = self.cfg
+        pc, pr = posttrain.pair_logprobs(self.model, encoded, self.pad_id)
+        rc, rr = ref[:, 0], ref[:, 1]
+        if cfg.loss == "ipo":  # per-token averages
+            pc, pr = pc / self._dev(lengths[:, 0]), pr / self._dev(lengths[:, 1])
+            rc, rr = rc / lengths[:, 0], rr / lengths[:, 1]
+        return posttrain.dpo_loss(pc, pr, self._dev(rc), self._dev(rr), cfg.beta, cfg.loss,
+                                  cfg.label_smoothing)
+
+    def _slice_grads(self, idx, weight):
+        """Forward and backward of the pairs `idx`, their mean loss weighted by `weight`
+        (len(idx) / pairs of the step): (metric sums, gradients of self.params)."""
+        losses, rc, rr = self.pair_losses([self.train_pairs[i] for i in idx],
+                                          self.ref_train[idx], self.train_len[idx])
+        loss = losses.sum() * (weight / len(idx))
+        grads = autograd.grad(self.scaler.scale(loss) if self.scaler else loss, self.params,
+                              allow_unused=True)
+        return posttrain.reward_stats(losses, rc, rr), grads
+
+    def accumulate(self, idx, weight):
+        """Gradients of one micro-batch added into .grad; its pairs split over threads on the
+        CPU as in pretraining (train._sharded_backward: the loss is a mean over pairs, so each
+        slice's share is its number of pairs). Returns the metric sums of its pairs."""
+        slices = [(s, weight * len(s) / len(idx)) for s in np.array_split(idx, self.shards)
+                  if len(s)]
+        results = run_slices(self._slice_grads, slices) if len(slices) > 1 else \
+            [self._slice_grads(*slices[0])]
+        for k, p in enumerate(self.params):
+            grads = [g[k] for _, g in results if g[k] is not None]
+            if grads:
+                total = grads[0]
+                for g in grads[1:]:
+                    total = total + g
+                p.grad = total if p.grad is None else p.grad + total
+        return {name: sum(s[name] for s, _ in results) for name in results[0][0]}
+
+    def train_step(self):
+        cfg = self.cfg
+        lr = self.schedule.apply(self.optimizer, self.step)
+        sums = {}
+        for m in range(cfg.grad_accum):
+            idx = self.micro_batch(self.step * cfg.grad_accum + m)
+            for name, v in self.accumulate(idx, 1.0 / cfg.grad_accum).items():
+                sums[name] = sums.get(name, 0.0) + v
+            self.tokens_seen += sum(len(c) + len(r) for (c, _), (r, _) in
+                                    (self.train_pairs[i] for i in idx))
+        n = cfg.batch_size * cfg.grad_accum
+        loss = sums["loss"] / n
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {self.step}")
+        norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+        self.step += 1
+        self.targets_seen = self.tokens_seen  # no share of the batch is masked out
+        for name, v in sums.items():
+            self.stats[name] = self.stats.get(name, 0.0) + v
+        self.stats["pairs"] = self.stats.get("pairs", 0) + n
+        if self.recording and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            self._report(self.stats, "")
+            self.stats = {}
+        return loss, lr, norm
+
+    def _report(self, sums, prefix):
+        """One log line and one metrics.jsonl record of the mean reward metrics."""
+        n = sums["pairs"]
+        means = {prefix + k: v / n for k, v in sums.items() if k.startswith("rewards/")}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **means}) + "\n")
+        log(self.cfg, f"step {self.step:>5} | {'held-out' if prefix else 'train'} rewards: chosen "
+                      f"{means[prefix + 'rewards/chosen']:+.3f} rejected "
+                      f"{means[prefix + 'rewards/rejected']:+.3f} margin "
+                      f"{means[prefix + 'rewards/margins']:+.3f} accuracy "
+                      f"{100 * means[prefix + 'rewards/accuracies']:.0f}%")
+
+    def evaluate_pairs(self):
+        """Metric sums over the held-out pairs (no gradients), and their count."""
+        B = self.cfg.batch_size
+        sums = {}
+        with autograd.no_grad():
+            for i in range(0, len(self.val_pairs), B):
+                sl = slice(i, i + B)
+                stats = posttrain.reward_stats(*self.pair_losses(
+                    self.val_pairs[sl], self.ref_val[sl], self.val_len[sl]))
+                for name, v in stats.items():
+                    sums[name] = sums.get(name, 0.0) + v
+        sums["pairs"] = len(self.val_pairs)
+        return sums
+
+    def evaluate(self):
+        """The mean DPO loss of the held-out pairs; their reward metrics are logged too."""
+        self.model.eval()
+        try:
+            sums = self.evaluate_pairs()
+        finally:
+            self.model.train()
+        if self.recording:
+            self._report(sums, "val_")
+        return sums["loss"] / sums["pairs"]
+
+    def fit(self):
+        """Run's loop; the reward metrics go to its log and metrics.jsonl meanwhile."""
+        self.recording = True
+        try:
+            return super().fit()
+        finally:
+            self.recording = False
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def extra_meta(self):
+        meta = {"kind": "dpo", "reference_model": self.reference_model}
+        if getattr(self.model, "lora", None) is not None:
+            meta["lora"] = self.model.lora.to_dict()
+        return meta
+
+    def save(self, name):
+        path = super().save(name)
+        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
+            from tinyllm.lora import save_adapters
+
+            save_adapters(self.run_dir / "adapter.safetensors", self.model,
+                          {"base": str(self.cfg.base), "step": self.step})
+        return path
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def _checkpoint_path(resume):
+    path = Path(resume)
+    return path / "last.ckpt" if path.is_dir() else path
+
+
+def config_from_args(args):
+    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
+    settings, saved, path = {}, None, None
+    if args.resume:
+        path = _checkpoint_path(args.resume)
+        meta, _ = load_checkpoint(path)
+        if meta.get("kind") != "dpo":
+            raise UsageError(f"--resume {args.resume}: not a DPO run (resume it with "
+                             f"tinyllm {meta.get('kind') or 'train'} --resume)")
+        saved = meta["train_config"]
+        settings.update(saved)
+        settings["out"] = str(path.parent)
+    file_settings = read_config_file(args.config) if args.config else {}
+    settings.update(file_settings)
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.base is not None:
+        cli["base"] = args.base
+    if saved is not None:
+        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
+                   if k not in RESUMABLE and saved.get(k) != v}
+        if changed:
+            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
+                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
+    settings.update(cli)
+    return DPOConfig.from_dict(settings, args.config or "command line").validate()
+
+
+def cmd_dpo(args):
+    cfg = config_from_args(args)
+    out = Path(cfg.out or default_out(cfg))
+    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+    if not args.resume and not Path(cfg.base).exists():
+        raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
+    if cfg.data != "builtin":
+        preference.read_pairs(cfg.data)  # every line checked before any work
+    ckpt = None
+    if args.resume:
+        path = _checkpoint_path(args.resume)
+        meta, arrays = load_checkpoint(path)
+        ckpt = {"path": path, "meta": meta, "arrays": arrays}
+    cfg.out = str(out)
+    run = DPORun(cfg, resume_from=ckpt)
+    run.overwrite = args.overwrite
+    summary = run.fit()
+    if summary["diverged"]:
+        return 1
+    if summary["interrupted"]:
+        return 130
+    return 0
+
+
+def register(subparsers):
+    from tinyllm.cli import probability
+
+    d = DPOConfig()
+    p = subparsers.add_parser(
+        "dpo", help="preference tuning (DPO): prefer chosen replies to rejected ones",
+        description="Direct Preference Optimization of a chat model on (prompt, chosen, "
+                    "rejected) pairs, against the frozen starting model. Settings: DPOConfig "
+                    "defaults < --config file < flags.")
+    p.add_argument("--from", dest="base", metavar="RUN_DIR",
+                   help="the model to start from and compare with: a tinyllm run folder or "
+                        ".ckpt, usually from tinyllm sft")
+    p.add_argument("--data", metavar="FILE.jsonl|builtin",
+                   help=f"a JSON-lines file of {preference.FORMAT} (each a string or a list of "
+                        f"chat messages), or builtin: right vs wrong answers to the built-in "
+                        f"tasks (default {d.data})")
+    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
+    p.add_argument("--config", help="TOML or JSON file of settings")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the DPO run in this folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output folder")
+    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -dpo)")
+    p.add_argument("--beta", type=positive_float,
+                   help=f"strength of the pull towards the reference: larger stays closer "
+                        f"({d.beta})")
+    p.add_argument("--loss", choices=list(posttrain.LOSS_TYPES), help=f"({d.loss})")
+    p.add_argument("--label-smoothing", type=probability,
+                   help=f"sigmoid loss: assumed share of mislabelled pairs, in [0, 0.5) "
+                        f"({d.label_smoothing})")
+    p.add_argument("--n-train", type=positive_int, help=f"built-in training pairs ({d.n_train})")
+    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out pairs ({d.n_val})")
+    p.add_argument("--val-fraction", type=probability,
+                   help=f"share of a --data file held out ({d.val_fraction})")
+    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
+                   "weights (0: every weight, the default)")
+    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
+    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
+                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
+    p.add_argument("--batch-size", type=positive_int, help=f"pairs per micro-batch ({d.batch_size})")
+    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
+    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
+    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
+    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
+    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
+    p.add_argument("--seed", type=int, help=f"({d.seed})")
+    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
+    p.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations ({d.eval_every})")
+    p.add_argument("--eval-iters", type=positive_int,
+                   help=f"held-out batches of pairs, at most ({d.eval_iters})")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
+    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
+    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
+                   help="CPU: threads that share each micro-batch (auto)")
+    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
+                   help="activation checkpointing: recompute each block in backward")
+    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.set_defaults(func=cmd_dpo)
+    return p
