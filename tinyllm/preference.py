@@ -71,9 +71,6 @@ def _check_reply(messages, key, where):
     if messages[0]["role"] != "assistant":
         raise ValueError(f"{where}: {key!r} must begin with an assistant message, got role "
                          f"{messages[0]['role']!r}")
-    for k, m in enumerate(messages):
-        if m["role"] == "system":
-            raise ValueError(f"{where}: {key!r}[{k}]: a system message may only begin the prompt")
 
 
 def pair_from_record(obj, where="record"):
