@@ -238,7 +238,11 @@ def _task_eval(name):
     task = tasks.get_task(name)
 
     def prepare(s):
-        return tasks.examples(name, "heldout", s.n, s.seed)  # too few examples: ValueError
+        pairs = tasks.examples(name, "heldout", s.n, s.seed, allow_fewer=True)
+        if len(pairs) < s.n:
+            raise UsageError(f"--n: task {name!r} has only {len(pairs)} distinct held-out "
+                             f"prompts, asked for {s.n}")
+        return pairs
 
     def run(model, tokenizer, pairs, s):
         return evaluate_task(model, tokenizer, task, len(pairs), s.seed,
