@@ -36,14 +36,12 @@ A reward model folder (a training run's folder, or `RewardModel.save(dir)`) hold
     reward.json             what the model is, how it was trained, its held-out accuracy
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +57,7 @@ from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import (UsageError, nonnegative_float, nonnegative_int, positive_float,
                          positive_int, probability)
-from tinyllm.train import (PRECISIONS, Run, _int_or_auto, apply_update, check_run_folder, log,
+from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log,
                            param_dtype, read_config_file, run_slices, validate_common)
 
 HEAD_FILE = "score_head.safetensors"
@@ -542,11 +540,12 @@ class RewardRun(Run):
         if not self.train_examples or not self.val_examples:
             raise UsageError(f"{source}: no preference pair fits the model's context of "
                              f"{self.block_size} tokens")
+        # the data's key before the held-out cut: eval_iters may change on --resume
+        key = pairs_key(self.train_examples + self.val_examples)
         self.val_examples = self.val_examples[:cfg.eval_iters * cfg.batch_size]
         self.pad_id = pad_id_of(self.tokenizer)
         n_tok = sum(len(c) + len(r) for c, r in self.train_examples)
-        self.data_meta = {"key": pairs_key(self.train_examples + self.val_examples),
-                          "train_tokens": n_tok,
+        self.data_meta = {"key": key, "train_tokens": n_tok,
                           "val_tokens": sum(len(c) + len(r) for c, r in self.val_examples)}
         self.data_summary = (f"data: {source}, {len(self.train_examples):,} train / "
                              f"{len(self.val_examples):,} held-out pairs, "
