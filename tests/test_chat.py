@@ -338,11 +338,6 @@ def test_read_conversations_names_file_and_line(tmp_path):
         read_conversations(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "read_conversations splits the file with str.splitlines(), which also breaks lines at "
-    "U+2028, U+2029 and U+0085; JSON allows those characters raw inside strings (json.dumps "
-    "with ensure_ascii=False writes them so), so such a line is refused as invalid JSON and "
-    "the line numbers after it are wrong"))
 def test_read_conversations_keeps_unicode_line_separators_inside_strings(tmp_path):
     records = [{"prompt": "first\u2028second", "completion": "ok"},
                {"prompt": "x", "completion": "y\u0085z\u2029"},

@@ -150,10 +150,6 @@ def test_split_conversations_is_by_content_and_holds_some_out():
     assert len(tr) == 1 and len(va) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "split_conversations of a single conversation returns it for training and holds none "
-    "out (its docstring: at least one is held out); sft then fails with 'no conversation "
-    "fits the model's context', which names the wrong problem"))
 def test_split_conversations_refuses_a_single_conversation():
     from tinyllm.cli import UsageError
 
@@ -202,11 +198,6 @@ def test_interrupted_sft_resumes_bit_identical(base, tmp_path, monkeypatch):
     assert vals == [3, 6]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LoRA fine-tuning does not resume exactly: SFTRun._train_chat_rows keeps a copy of the "
-    "embedding rows to restore after each step, taken in setup() from the freshly built model "
-    "before Run._restore loads the checkpoint; after --resume the frozen rows of tok_emb no "
-    "longer equal the base run's, and weights and moments differ from an uninterrupted run"))
 def test_interrupted_lora_sft_resumes_bit_identical(base, tmp_path, monkeypatch):
     full, part = interrupted_and_resumed(base, tmp_path, monkeypatch, "--lora-rank", "2")
     before = model_arrays(base / "best.ckpt")["tok_emb.weight"]
@@ -230,10 +221,6 @@ def test_resume_refuses_other_settings(base, tmp_path, capsys):
     assert err.count("\n") == 1  # one line, whatever it says
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "eval_iters is in sft.RESUMABLE, but SFTRun.setup cuts the held-out examples to "
-    "eval_iters x batch_size before it hashes train + held-out examples into the dataset key; "
-    "so sft --resume with another --eval-iters is refused as 'dataset does not match'"))
 def test_resume_with_other_eval_iters(base, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(sft_args(base, out, "--steps", "3")) == 0

@@ -237,7 +237,9 @@ def read_conversations(path):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() cuts at
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         where = f"{path}:{n}"

@@ -28,6 +28,8 @@ def read_metrics(run_dir):
 def plot_run(run_dir, out=None, log_y=False):
     """Draw training and validation loss (and the learning rate) against the step; returns
     the PNG path (default RUN_DIR/loss.png)."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        read_metrics(run_dir)  # names the missing folder or file, before matplotlib
     try:
         import matplotlib
 

@@ -126,19 +126,22 @@ def builtin_conversations(cfg):
             tasks.chat_dataset("heldout", cfg.n_val, cfg.seed, mix=verifiable))
 
 
-def split_conversations(convs, val_fraction):
+def split_conversations(convs, val_fraction, source="data"):
     """A user's conversations split by the hash of their content: the same conversation always
     lands on the same side, and at least one is held out."""
     def bucket(c):
         h = hashlib.sha256(json.dumps(c, sort_keys=True).encode("utf-8")).digest()
         return int.from_bytes(h[:8], "little") / 2 ** 64
 
+    if len(convs) < 2:
+        raise UsageError(f"{source}: need at least 2 conversations to hold some out, got "
+                         f"{len(convs)}")
     val = [c for c in convs if bucket(c) < val_fraction]
     train = [c for c in convs if bucket(c) >= val_fraction]
-    if not val and len(train) > 1:
+    if not val:
         val, train = train[-1:], train[:-1]
     if not train:
-        raise UsageError(f"need at least 2 conversations to hold some out, got {len(convs)}")
+        val, train = val[-1:], val[:-1]
     return train, val
 
 
@@ -202,7 +205,7 @@ class SFTRun(Run):
             source = "built-in chat tasks"
         else:
             convs = chat.read_conversations(cfg.data)
-            train, val = split_conversations(convs, cfg.val_fraction)
+            train, val = split_conversations(convs, cfg.val_fraction, cfg.data)
             source = str(cfg.data)
         self.train_examples, long_train = encode_examples(train, self.tokenizer, self.block_size)
         self.val_examples, long_val = encode_examples(val, self.tokenizer, self.block_size)
@@ -212,12 +215,13 @@ class SFTRun(Run):
         if not self.train_examples or not self.val_examples:
             raise UsageError(f"{source}: no conversation fits the model's context of "
                              f"{self.block_size} tokens (or none has an assistant turn)")
+        key = examples_key(self.train_examples + self.val_examples)  # eval_iters may change
         self.val_examples = self.val_examples[:cfg.eval_iters * cfg.batch_size]
         self._make_buckets()
         self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
         n_tok = sum(len(x) for x, _ in self.train_examples)
         n_trained = sum(int((y != IGNORE_INDEX).sum()) for _, y in self.train_examples)
-        self.data_meta = {"key": examples_key(self.train_examples + self.val_examples),
+        self.data_meta = {"key": key,
                           "train_tokens": n_tok, "val_tokens": sum(len(x) for x, _ in self.val_examples)}
         self.data_summary = (f"data: {source}, {len(self.train_examples):,} train / "
                              f"{len(self.val_examples):,} held-out conversations, "
@@ -264,9 +268,12 @@ class SFTRun(Run):
         self.frozen_rows = backend.to_device(keep, model.tok_emb.weight.device)
         for layer in self.row_tables:
             layer.weight.requires_grad = True
-        self.saved_rows = [layer.weight.data[keep].copy() for layer in self.row_tables]
+        self.saved_rows = None  # taken at the first step: after a resume has loaded the weights
 
     def train_step(self):
+        if self.token_rows is not None and self.saved_rows is None:
+            self.saved_rows = [layer.weight.data[self.frozen_rows].copy()
+                               for layer in self.row_tables]
         out = super().train_step()
         if self.token_rows is not None:
             for layer, rows in zip(self.row_tables, self.saved_rows):
@@ -360,6 +367,11 @@ def config_from_args(args):
 def cmd_sft(args):
     cfg = config_from_args(args)
     out = Path(cfg.out or default_out(cfg))
+    if not args.resume and Path(cfg.base).exists():
+        base = Path(cfg.base).resolve()
+        if out.resolve() == base or out.resolve() in base.parents:
+            raise UsageError(f"--out {out}: that folder holds the model to fine-tune "
+                             f"({cfg.base}); choose another")
     check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
     if not args.resume and not Path(cfg.base).exists():
         raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")

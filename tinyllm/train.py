@@ -45,6 +45,7 @@ import autograd
 from autograd import amp, backend
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
+from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, check_match, load_checkpoint, save_checkpoint
 from tinyllm.cli import UsageError, check_choice, check_float, check_int
 
@@ -162,6 +163,10 @@ def validate_train(cfg):
     check_choice("preset", cfg.preset, tuple(PRESETS))
     if not isinstance(cfg.model, dict):
         raise UsageError(f"model: must be a table of model settings, got {cfg.model!r}")
+    if cfg.init_from and cfg.model:
+        raise UsageError(f"model: --init-from {cfg.init_from} takes the model's shapes and "
+                         f"settings from there; -m/[model] overrides {sorted(cfg.model)} cannot "
+                         "be applied")
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).exists():
         raise UsageError(f"tokenizer: {cfg.tokenizer}: no such file")
     return cfg
@@ -467,6 +472,9 @@ def apply_update(params, optimizer, clip, scaler=None):
         optimizer.zero_grad()
         return math.inf
     norm = clip_grad_norm(params, clip) if clip else grad_norm(params)
+    if not math.isfinite(norm):  # an update now would write inf/NaN into the weights
+        optimizer.zero_grad()
+        raise FloatingPointError(f"the gradient norm is {norm}")
     optimizer.step()
     optimizer.zero_grad()
     if scaler:
@@ -682,8 +690,11 @@ class Run:
             int((y != IGNORE_INDEX).sum()) for _, y in micro)
         loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {self.step}")
-        norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+            raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+        try:
+            norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {self.step + 1}") from None
         self.step += 1
         return loss, lr, norm
 
@@ -707,8 +718,9 @@ class Run:
                     (self.run_dir / name).unlink()
         _truncate_metrics(metrics_path, self.step)
         self.tokenizer.save(self.run_dir / "tokenizer.json")
-        (self.run_dir / "config.json").write_text(json.dumps(
-            {"train": cfg.to_dict(), "model": self.model.config.to_dict()}, indent=1))
+        with atomic_write(self.run_dir / "config.json", "w", encoding="utf-8") as f:
+            f.write(json.dumps({"train": cfg.to_dict(), "model": self.model.config.to_dict()},
+                               indent=1))
         n_params = self.model.num_params()
         log(cfg, f"{self.describe_model()}, {n_params / 1e6:.2f}M parameters; "
                  f"vocab {self.tokenizer.vocab_size}; {self.data_summary}")
@@ -769,6 +781,9 @@ class Run:
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         t0 = time.perf_counter()
                         val = self.evaluate()
+                        if not math.isfinite(val):
+                            raise FloatingPointError(f"the validation loss is {val} at step "
+                                                     f"{self.step}")
                         best = val < self.best_val
                         if best:
                             self.best_val = val
@@ -834,9 +849,10 @@ def _truncate_metrics(path, step):
     """Drop metric records past `step` (left by a run that crashed after its last save)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
+    keep = [line for line in path.read_text().split("\n")
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -920,6 +936,9 @@ def config_from_args(args):
         path = Path(args.resume)
         path = path / "last.ckpt" if path.is_dir() else path
         resume_meta, _ = load_checkpoint(path)
+        if resume_meta.get("kind", "train") != "train":
+            raise UsageError(f"--resume {args.resume}: a {resume_meta['kind']} run; resume it with "
+                             f"tinyllm {resume_meta['kind']} --resume {args.resume}")
         settings.update(resume_meta["train_config"])
         settings["out"] = str(path.parent)
     if args.config:
