@@ -40,9 +40,9 @@ class LogSigmoid(Function):
         self.x = x
         return -xp.logaddexp(0, -x).astype(x.dtype, copy=False)
 
-    def backward(self, g):  # d log sigmoid(x) = 1 - sigmoid(x) = sigmoid(-x)
-        xp = backend.get_array_module(g)
-        return g * (0.5 * (1 - xp.tanh(0.5 * self.x)))
+    def backward(self, g):  # d log sigmoid(x) = sigmoid(-x) = exp(log sigmoid(-x)): no
+        xp = backend.get_array_module(g)  # cancellation in 1 - sigmoid(x) for large x
+        return g * xp.exp(-xp.logaddexp(0, self.x)).astype(self.x.dtype, copy=False)
 
 
 def log_sigmoid(x):
