@@ -483,13 +483,21 @@ def register(subparsers):
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch; default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="tokens to generate per prompt, >= 0 (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature, >= 0; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens, >= 0; 0 or unset: off")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the most likely tokens up to this probability, in "
+                        "(0, 1] (default off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below this share of the top token's probability, in "
+                        "[0, 1] (default off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0; above 1 makes tokens already in the text less likely (default 1: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--no-eot-stop", action="store_true",
                    help="do not stop at <|endoftext|>")
@@ -503,8 +511,9 @@ def register(subparsers):
                    help="print the prompt before the completion (default on)")
     p.add_argument("--tokenizer", default=None,
                    help="saved tokenizer, .tiktoken file, or folder with encoder.json + vocab.bpe")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="default: the checkpoint's")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float64, float16 or bfloat16 "
+                                                 "(default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
     return p
 
