@@ -38,7 +38,7 @@ import numpy as np
 from tinyllm.config import ModelConfig
 from tinyllm.safetensors import load_file
 
-_GPT2_IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.weight$")
+_GPT2_IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$")
 _LLAMA_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -71,7 +71,7 @@ def config_from_hf(hf, source="config.json"):
             vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
             d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
-            norm="rms", mlp="swiglu", positions="rope", rope_theta=float(hf.get("rope_theta", 10000.0)),
+            norm="rms", mlp="swiglu", positions="rope", rope_theta=_rope_theta(hf),
             rope_style="half", bias=False, tie_embeddings=hf.get("tie_word_embeddings", False),
             norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
         )
@@ -80,11 +80,19 @@ def config_from_hf(hf, source="config.json"):
     )
 
 
+def _rope_theta(hf):
+    """RoPE's base: `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (5)."""
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
 def _gpt2_names(hf_name, shape, cfg):
     """[(our name, transform)] for one GPT-2 tensor; transform maps the array to ours."""
     name = hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
     if name == "wte.weight":
         return [("tok_emb.weight", None)]
+    if name == "lm_head.weight":  # saved beside tied embeddings too: then it is wte again
+        return [] if cfg.tie_embeddings else [("lm_head.weight", None)]
     if name == "wpe.weight":
         return [("pos_emb.weight", None)]
     if name.startswith("ln_f."):

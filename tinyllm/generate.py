@@ -396,13 +396,28 @@ def load_tokenizer(path):
             if (path / enc).exists() and (path / bpe).exists():
                 return Tokenizer.from_gpt2(path / enc, path / bpe)
         if (path / "tokenizer.json").exists():
-            return Tokenizer.load(path / "tokenizer.json")
+            return _load_tokenizer_json(path / "tokenizer.json")
         raise FileNotFoundError(f"{path}: no tokenizer here (expected encoder.json + vocab.bpe, "
                                 f"vocab.json + merges.txt, or a saved tokenizer.json)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer file not found")
     if path.suffix == ".tiktoken":
         return Tokenizer.from_tiktoken(path)
+    return Tokenizer.load(path)
+
+
+def _load_tokenizer_json(path):
+    """Our own tokenizer file, or a Hugging Face byte-level BPE tokenizer.json."""
+    import json
+
+    from tinyllm.tokenizer import Tokenizer
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if isinstance(doc, dict) and "model" in doc and "format" not in doc:
+        return Tokenizer.from_hf_json(path)
     return Tokenizer.load(path)
 
 

@@ -229,6 +229,14 @@ class Tokenizer:
 
         return from_gpt2(cls, encoder_json, vocab_bpe)
 
+    @classmethod
+    def from_hf_json(cls, path, trust_pattern=False):
+        """Load a Hugging Face byte-level BPE `tokenizer.json` (what `tinyllm export` writes,
+        and GPT-2-style checkpoints ship); ids equal the file's."""
+        from .openai import from_hf_json
+
+        return from_hf_json(cls, path, trust_pattern=trust_pattern)
+
     # ---- properties -------------------------------------------------------------------------
 
     @property

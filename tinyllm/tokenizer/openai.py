@@ -158,3 +158,64 @@ def _read_encoder(path):
             raise TokenizerFileError(f"{path}: the id of token {token!r} must be an int, got "
                                      f"{type(i).__name__}")
     return encoder
+
+
+def from_hf_json(cls, path, trust_pattern=False):
+    """A byte-level BPE `tokenizer.json` of Hugging Face `tokenizers` (GPT-2 style: the BPE
+    vocabulary spells bytes as GPT-2's printable characters, merges in rank order, a ByteLevel
+    pre-tokenizer, after a Split by regex or with GPT-2's own regex). Special tokens are its
+    added tokens marked special. Ids keep the file's. Anything else is refused by name."""
+    from .patterns import GPT2_PATTERN, PATTERNS, onig_pattern
+
+    try:
+        doc = json.loads(_read_bytes(path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerFileError(f"{path}: not a JSON document ({e})") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or \
+            not isinstance(model.get("vocab"), dict):
+        raise TokenizerFileError(f"{path}: not a byte-level BPE tokenizer.json (model.type must "
+                                 f"be BPE with a vocab)")
+    encoder = model["vocab"]
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+    missing = [c for c in bytes_to_unicode().values() if c not in encoder]
+    if missing:
+        raise TokenizerFileError(f"{path}: the vocab lacks {len(missing)} of the 256 byte tokens "
+                                 f"(not byte-level BPE?), e.g. {missing[0]!r}")
+    byte_ids = [encoder[bytes_to_unicode()[b]] for b in range(256)]
+    merges = []
+    for k, m in enumerate(model.get("merges") or []):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise TokenizerFileError(f"{path}: model.merges[{k}] must be 'a b' or [a, b], got {m!r}")
+        x, y = pair
+        for t in (x, y, x + y):
+            if t not in encoder:
+                raise TokenizerFileError(f"{path}: model.merges[{k}]: token {t!r} is not in the vocab")
+        merges.append((encoder[x], encoder[y], encoder[x + y]))
+    merges.sort(key=lambda m: m[2])
+    specials = {t["content"]: t["id"] for t in doc.get("added_tokens") or []
+                if isinstance(t, dict) and t.get("special")}
+    pattern = _hf_split_pattern(doc.get("pre_tokenizer"), path) or GPT2_PATTERN
+    for name in PATTERNS.values():  # the exported form of a named pattern is that pattern
+        if pattern in (name, onig_pattern(name)):
+            pattern = name
+    try:
+        return cls(merges, pattern=pattern, special_tokens=specials, byte_ids=byte_ids,
+                   whole_token_lookup=True, trust_pattern=trust_pattern)
+    except ValueError as e:
+        raise TokenizerFileError(f"{path}: {e}") from None
+
+
+def _hf_split_pattern(pre, path):
+    """The regex of a Split pre-tokenizer (inside a Sequence or alone); None for ByteLevel
+    with its own (GPT-2) regex."""
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" \
+        else [pre]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "Split":
+            regex_ = (step.get("pattern") or {}).get("Regex")
+            if not isinstance(regex_, str):
+                raise TokenizerFileError(f"{path}: a Split pre-tokenizer without a Regex pattern")
+            return regex_
+    return None

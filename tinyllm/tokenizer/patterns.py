@@ -17,6 +17,7 @@ refused at encode time.
 """
 
 import functools
+import re
 import unicodedata
 
 import regex
@@ -306,3 +307,83 @@ def bytes_to_unicode():
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+# ---- the same patterns for Hugging Face tokenizers (Oniguruma) -------------------------------
+
+_BOUNDED = re.compile(r"\{(?:\d+(?:,\d*)?|,\d+)\}")
+
+
+def onig_pattern(pattern):
+    """`pattern` as tokenizers' regex engine (Oniguruma, Ruby syntax) reads it the same way.
+
+    The one difference in our patterns: Ruby reads a bounded repeat followed by `+`, as in
+    GPT-4's `\\p{N}{1,3}+`, as "one or more times {1,3}" (any run of digits), where `regex`
+    reads a possessive {1,3}. An atomic group, `(?>\\p{N}{1,3})`, means the possessive repeat
+    in both. The rest (`++`, `?+`, `*+`, \\p{..}, (?i:..)) means the same in both."""
+    out = []  # pieces; `atom` indexes where the last atom (what a quantifier applies to) starts
+    groups, atom, i = [], None, 0
+    while i < len(pattern):
+        c = pattern[i]
+        bounded = _BOUNDED.match(pattern, i)
+        if bounded and atom is not None:  # a quantifier {n,m}
+            j = bounded.end()
+            if pattern[j:j + 1] == "+":
+                out[atom:] = ["(?>" + "".join(out[atom:]) + bounded.group() + ")"]
+                j += 1
+            else:
+                out.append(bounded.group())
+            i = j
+            continue
+        if c == "\\":
+            m = re.compile(r"\\[pPx]\{[^}]*\}|\\[pP][A-Za-z]|\\x[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f]{4}"
+                           r"|\\.", re.S).match(pattern, i)
+            token = m.group()
+        elif c == "[":
+            token = pattern[i:_class_end(pattern, i)]
+        elif c == "(":
+            groups.append(len(out))
+            out.append(c)
+            i, atom = i + 1, None
+            continue
+        elif c == ")":
+            out.append(c)
+            atom = groups.pop() if groups else None
+            i += 1
+            continue
+        elif c in "|*+?":
+            out.append(c)
+            i += 1
+            atom = None
+            continue
+        else:
+            token = c
+        atom = len(out)
+        out.append(token)
+        i += len(token)
+    return "".join(out)
+
+
+def _class_end(pattern, start):
+    """The index just past the character class `[...]` starting at `start` (nested classes,
+    escapes, and a `]` first in the class taken literally)."""
+    depth, i = 0, start
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":
+            depth += 1
+            i += 1
+            if pattern[i:i + 1] == "^":
+                i += 1
+            if pattern[i:i + 1] == "]":
+                i += 1
+            continue
+        if c == "]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError(f"tokenizer pattern: unterminated character class at {start}: {pattern!r}")
