@@ -79,7 +79,7 @@ def main():
     run = SFTRun.__new__(SFTRun)  # only its batch drawing, on the built-in data
     run.cfg = SFTConfig(base="-", batch_size=args.batch)
     run.train_examples, _ = encode_examples(tasks.chat_dataset("train", 4000, 0), tok, T)
-    run.pad_id = tok.eot_id
+    run.pad_id, run.padding_seen = tok.eot_id, 0
     run._make_buckets()
     sft, real, trained, total = [], 0, 0, 0
     for k in range(n):

@@ -303,7 +303,9 @@ class SFTRun(Run):
         rng = np.random.default_rng([self.cfg.seed, k])
         bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_p)]
         idx = rng.choice(bucket, size=B, replace=len(bucket) < B)
-        return pad_batch([self.train_examples[i] for i in idx], self.pad_id)
+        x, y = pad_batch([self.train_examples[i] for i in idx], self.pad_id)
+        self.padding_seen += x.size - sum(len(self.train_examples[i][0]) for i in idx)
+        return x, y
 
     def _make_buckets(self):
         lengths = np.array([len(x) for x, _ in self.train_examples])

@@ -515,6 +515,7 @@ class Run:
         self.step = 0
         self.best_val = math.inf
         self.tokens_seen = 0  # tokens through the model since the last log line (padding too)
+        self.padding_seen = 0  # of which padding (micro_batch counts it)
         self.peak = cfg.peak_flops or peak_flops_guess(cfg.device)
         self.tokenizer_json = self.tokenizer.to_json()
         if resume_from is not None:
@@ -761,7 +762,8 @@ class Run:
                         now = time.perf_counter()
                         tps = self.tokens_seen / (now - t_last)
                         trained = self.targets_seen / max(self.tokens_seen, 1)
-                        self.tokens_seen = self.targets_seen = 0
+                        padding = self.padding_seen / max(self.tokens_seen, 1)
+                        self.tokens_seen = self.targets_seen = self.padding_seen = 0
                         done = self.step - first_step
                         eta = (now - t_start) / done * (cfg.steps - self.step)
                         line = (f"step {self.step:>5}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
@@ -769,8 +771,9 @@ class Run:
                         rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                                "tokens_per_s": tps, "elapsed_s": now - t_start}
                         if trained < 0.999:  # padding or masked targets (fine-tuning)
-                            line += f" | trained tokens {100 * trained:.0f}%"
-                            rec["trained_share"] = trained
+                            line += (f" | trained tokens {100 * trained:.0f}%, padding "
+                                     f"{100 * padding:.0f}%")
+                            rec["trained_share"], rec["padding_share"] = trained, padding
                         if self.peak:
                             mfu = self.model.flops_per_token(self.block_size) * tps / self.peak
                             line += f" | MFU {100 * mfu:.1f}%"
