@@ -25,9 +25,10 @@ from autograd.backend import (
 from autograd.gradcheck import GradcheckError, gradcheck
 from autograd.ops import (
     abs, add, broadcast_to, cast, clip, concat, cross_entropy, div, dropout, embedding, exp,
-    gelu, getitem, layer_norm, linear, linear_cross_entropy, log, log_softmax, lora_linear,
-    matmul, max, maximum, mean, mul, neg, pow, relu, reshape, rms_norm, rsqrt,
-    scaled_dot_product_attention, sigmoid, silu, softmax, swiglu, split, sqrt, squeeze, stack,
+    gelu, getitem, layer_norm, linear, linear_cross_entropy, log, log_sigmoid, log_softmax,
+    lora_linear, matmul, max, maximum, mean, mul, neg, pow, relu, reshape, rms_norm, rsqrt,
+    scaled_dot_product_attention, sigmoid, silu, softmax, softplus, swiglu, split, sqrt, squeeze,
+    stack,
     sub, sum, swapaxes, tanh, to_device, transpose, unsqueeze, var, where,
 )
 from autograd.tensor import (

@@ -195,6 +195,24 @@ class Sigmoid(Function):
         return g * self.y * (1 - self.y)
 
 
+class Softplus(Function):
+    def forward(self, x):
+        self.x = x
+        return xp_of(x).logaddexp(0, x).astype(x.dtype, copy=False)  # log(1 + e^x), no overflow
+
+    def backward(self, g):  # d softplus(x) = sigmoid(x)
+        return g * _sigmoid(self.x)
+
+
+class LogSigmoid(Function):
+    def forward(self, x):
+        self.x = x
+        return -xp_of(x).logaddexp(0, -x).astype(x.dtype, copy=False)  # -softplus(-x)
+
+    def backward(self, g):  # d log sigmoid(x) = 1 - sigmoid(x) = sigmoid(-x): no cancellation
+        return g * _sigmoid(-self.x)
+
+
 class Relu(Function):
     def forward(self, x):
         self.positive = x > 0
@@ -389,6 +407,16 @@ def tanh(x):
 
 def sigmoid(x):
     return Sigmoid().apply(x)
+
+
+def softplus(x):
+    """log(1 + e^x), for every x without overflow."""
+    return Softplus().apply(x)
+
+
+def log_sigmoid(x):
+    """log sigmoid(x) = -softplus(-x): the log-likelihood of a logistic (DPO, Bradley-Terry)."""
+    return LogSigmoid().apply(x)
 
 
 def relu(x):
@@ -1492,7 +1520,7 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 # The public differentiable ops, each with a gradient test (tests/test_ops_grad.py checks the list).
 DIFFERENTIABLE_OPS = (
     "add", "sub", "mul", "div", "pow", "maximum", "neg", "exp", "log", "sqrt", "rsqrt",
-    "tanh", "sigmoid", "relu", "silu", "swiglu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
+    "tanh", "sigmoid", "softplus", "log_sigmoid", "relu", "silu", "swiglu", "gelu", "abs", "clip", "cast", "to_device", "where", "matmul",
     "linear", "lora_linear", "sum", "mean", "max", "var", "reshape", "transpose", "swapaxes", "broadcast_to",
     "squeeze", "unsqueeze", "concat", "stack", "split", "getitem", "embedding", "softmax",
     "log_softmax", "cross_entropy", "linear_cross_entropy", "layer_norm", "rms_norm", "dropout",

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import autograd
-from autograd import Tensor, gradcheck, ops
+from autograd import Tensor, backend, gradcheck, ops
 from autograd.testing import (
     axes, broadcastable_pair, device_params, float_arrays, positive_arrays, shapes, tie_free_pair,
 )
@@ -144,6 +144,8 @@ UNARY = {
     "rsqrt": (ops.rsqrt, lambda a: 1 / np.sqrt(a), positive_arrays),
     "tanh": (ops.tanh, np.tanh, float_arrays),
     "sigmoid": (ops.sigmoid, _sigmoid, lambda s: float_arrays(s, -6, 6)),
+    "softplus": (ops.softplus, lambda a: np.log1p(np.exp(a)), lambda s: float_arrays(s, -8, 8)),
+    "log_sigmoid": (ops.log_sigmoid, lambda a: np.log(_sigmoid(a)), lambda s: float_arrays(s, -8, 8)),
     "relu": (ops.relu, lambda a: np.maximum(a, 0), lambda s: float_arrays(s, away_from=[0.0])),
     "silu": (ops.silu, lambda a: a * _sigmoid(a), lambda s: float_arrays(s, -6, 6)),
     "abs": (ops.abs, np.abs, lambda s: float_arrays(s, away_from=[0.0])),
@@ -794,3 +796,14 @@ def test_fused_attention_dropout_mask_definition():
     assert abs(big.mean() - 0.8) < 0.006
     assert not np.array_equal(big, attention_dropout_keep(2, 8, 128, 128, 0.2))
     assert attention_dropout_keep(5, 2, 4, 4, 0.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softplus_and_log_sigmoid_do_not_overflow(device):
+    x = leaf([-1000.0, -50.0, 0.0, 50.0, 1000.0], device)
+    sp, ls = ops.softplus(x), ops.log_sigmoid(x)
+    tiny = np.exp(-50.0)
+    np.testing.assert_allclose(sp.numpy(), [0.0, tiny, np.log(2), 50.0, 1000.0], rtol=1e-12)
+    np.testing.assert_allclose(ls.numpy(), [-1000.0, -50.0, -np.log(2), -tiny, 0.0], rtol=1e-12)
+    (gx,) = autograd.grad((sp + ls).sum(), [x])  # sigmoid(x) + sigmoid(-x) = 1 everywhere
+    np.testing.assert_allclose(backend.to_device(gx, "cpu"), 1.0, rtol=1e-12)
