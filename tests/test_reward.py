@@ -342,3 +342,11 @@ def test_lora_trains_adapters_and_head_only(base, pairs_file, tmp_path):
     assert lora_b and all(np.abs(arrays[k]).max() > 0 for k in lora_b)  # B starts at zero
     model = RewardModel.load(out)  # the adapters are folded into the backbone on load
     assert np.isfinite(model.score(["hi"], ["yes"])[0])
+
+
+def test_flops_per_token_leaves_out_the_lm_head(rm):
+    cfg = rm.config
+    blocks = sum(p.size for name, p in rm.backbone.named_parameters()
+                 if name.startswith(("blocks.", "norm_f.")))
+    expected = 6 * blocks + 12 * cfg.n_layers * 64 * cfg.d_model  # what the forward multiplies
+    assert rm.flops_per_token(64) == expected

@@ -182,6 +182,13 @@ class RewardModel(Module):
     def num_params(self, non_embedding=True):
         return self.backbone.num_params(non_embedding) + self.score_head.num_parameters()
 
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (for MFU): the backbone's without its LM head (vocab x
+        d_model, counted once by GPT.flops_per_token), which a reward model never runs; the
+        scalar head's 2 d_model per sequence is negligible."""
+        cfg = self.config
+        return self.backbone.flops_per_token(seq_len) - 6 * cfg.vocab_size * cfg.d_model
+
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, ids, lengths):
         """Rewards (B,) of the rows of `ids` (B, T), row i read at position lengths[i] - 1."""
@@ -452,11 +459,11 @@ class RewardConfig:
     lora_rank: int = 0  # 0 trains every weight
     lora_alpha: float | None = None  # None: 2 * rank
     lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16  # preference pairs per micro-batch (twice as many rows)
     grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 3e-4
+    min_lr: float = 3e-5
     warmup: int = 20
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -466,7 +473,7 @@ class RewardConfig:
     clip: float = 1.0
     seed: int = 1337
     log_every: int = 20
-    eval_every: int = 50
+    eval_every: int = 100
     eval_iters: int = 25  # held-out batches per evaluation
     out: str | None = None  # run folder; None: <base>-rm
     device: str = "cpu"
