@@ -290,6 +290,8 @@ def test_short_training_raises_the_pairwise_accuracy(base, pairs_file, tmp_path)
     run = RewardRun(cfg)
     pairs = read_pairs(pairs_file)
     before = train_accuracy(run.model, pairs)
+    run.evaluate()  # before fit: measures, writes nothing
+    assert run.heldout["step"] == 0 and not (tmp_path / "run").exists()
     run.fit()
     after = train_accuracy(run.model, pairs)
     assert before < 0.8 and after >= 0.95, (before, after)

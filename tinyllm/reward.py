@@ -6,7 +6,7 @@ against it.
     tinyllm reward score runs/laptop-rm --prompt "What is 12 + 30?" --response "42"
 
     rm = RewardModel.load("runs/laptop-rm")
-    rm.score(["What is 12 + 30?"] * 2, ["42", "41"])      # -> [2.3, -1.9]
+    rm.score(["What is 12 + 30?"] * 2, ["42", "The answer is 42."])   # e.g. [-0.24, -10.08]
 
 The model is a GPT backbone (an SFT model, with the chat tokens) whose final normalized hidden
 states feed a scalar head instead of the LM head:
@@ -562,6 +562,7 @@ class RewardRun(Run):
                               f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}")
         self.heldout = self.best_heldout = None
         self.train_correct = self.train_pairs = 0
+        self.metrics_path = None  # set while fit() runs: where _note records go
 
     def _pairs(self):
         """(train pairs, held-out pairs, a name for the source)."""
@@ -672,10 +673,11 @@ class RewardRun(Run):
         return loss.item()
 
     def _note(self, line, record):
-        """A log line and a metrics record of the reward run's own measures."""
+        """A log line and, during fit(), a metrics record of the reward run's own measures."""
         log(self.cfg, line)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints -------------------------------------------------------------------------
     # Run keeps the weights as model/<name>; here the backbone's are model/<its own name>, as in
@@ -733,7 +735,11 @@ class RewardRun(Run):
             for name in (HEAD_FILE, INFO_FILE):
                 if (self.run_dir / name).exists():
                     (self.run_dir / name).unlink()
-        summary = super().fit()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        try:
+            summary = super().fit()
+        finally:
+            self.metrics_path = None
         if (self.run_dir / INFO_FILE).exists():
             write_info(self.run_dir / INFO_FILE, self.info())
         if self.best_heldout:
