@@ -210,7 +210,7 @@ def records(run_dir):
 
 def test_a_short_run_learns_to_prefer_the_chosen_replies(start, tmp_path):
     cfg = dpo_config(start, tmp_path / "run", steps=30, log_every=10, eval_every=30, lr=3e-3,
-                     n_train=32)
+                     n_train=32, rpo_alpha=0.0)
     run = DPORun(cfg)
     before = run.evaluate_pairs()
     assert before["rewards/margins"] == pytest.approx(0, abs=1e-6)  # policy = reference
@@ -233,6 +233,16 @@ def test_a_short_run_learns_to_prefer_the_chosen_replies(start, tmp_path):
     assert tok.vocab_size == model.config.vocab_size
     meta, _ = load_checkpoint(tmp_path / "run" / "best.ckpt")
     assert meta["kind"] == "dpo" and meta["best_val"] < math.log(2)
+
+
+def test_rpo_adds_the_chosen_replies_per_token_nll(start, tmp_path):
+    run = DPORun(dpo_config(start, tmp_path / "run", rpo_alpha=0.5))
+    encoded, ref, lengths = run.train_pairs[:3], run.ref_train[:3], run.train_len[:3]
+    with_nll = run.pair_losses(encoded, ref, lengths)[0].data
+    run.cfg.rpo_alpha = 0.0
+    plain = run.pair_losses(encoded, ref, lengths)[0].data
+    nll = [-numpy_logprob(run.model, ids, mask) / mask.sum() for (ids, mask), _ in encoded]
+    np.testing.assert_allclose(with_nll - plain, 0.5 * np.array(nll), rtol=1e-4)
 
 
 def test_the_reference_is_cached_reused_and_recomputed_for_other_data(start, tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ It runs on `tinyllm train`'s loop (train.Run), as `tinyllm sft` does: config fil
 metrics.jsonl, checkpoints, exact --resume, devices, dtypes and LoRA behave the same. What
 differs is the step: each batch of pairs goes through the model once (chosen and rejected
 replies in one padded batch), and the loss is DPO's (`tinyllm.posttrain.dpo_loss`) instead of
-next-token cross-entropy.
+next-token cross-entropy, plus by default the chosen replies' per-token negative
+log-likelihood (`--rpo-alpha`, as TRL's rpo_alpha): without it the tiny models here learn to
+make the rejected replies unlikely by making every reply less likely, and answer worse.
 
 The reference model is the starting model, frozen. It is never needed again after its
 log-probabilities of every training and held-out pair are computed, once, before training:
@@ -40,7 +42,7 @@ from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
                          nonnegative_int, positive_float, positive_int)
 from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log, param_dtype,
-                           read_config_file, run_slices, validate_common)
+                           read_config_file, run_slices, shard_count, validate_common)
 
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -57,6 +59,11 @@ class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0
+    # weight of the chosen replies' per-token negative log-likelihood added to each pair's
+    # loss (RPO, TRL's rpo_alpha). Plain DPO (0) lowers the chosen replies' likelihood along
+    # with the rejected ones', and a small model's greedy answers got worse for it (measured
+    # on the built-in tasks); the NLL term keeps the chosen replies likely.
+    rpo_alpha: float = 1.0
     # low-rank adapters: rank 0 trains every weight
     lora_rank: int = 0
     lora_alpha: float | None = None  # None: 2 * rank
@@ -111,6 +118,7 @@ class DPOConfig:
         if self.label_smoothing and self.loss != "sigmoid":
             raise UsageError(f"label_smoothing: is for the sigmoid loss, not {self.loss!r} "
                              f"(got {self.label_smoothing!r})")
+        check_float("rpo_alpha", self.rpo_alpha, low=0)
         check_int("lora_rank", self.lora_rank, low=0)
         check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
         if not self.base:
@@ -191,18 +199,26 @@ def default_out(cfg):
 
 # ---- the reference: log-probabilities of the starting model, computed once -------------------
 
-def reference_logprobs(model, encoded, batch_size, pad_id):
+def reference_logprobs(model, encoded, batch_size, pad_id, threads=1):
     """(N, 2) float64 array: the model's (chosen, rejected) log-probabilities of every encoded
-    pair, in batches of `batch_size` pairs, without gradients."""
+    pair, without gradients. Batches of `batch_size` pairs of about the same length (little
+    padding); on the CPU, `threads` batches run at once, as training's slices do."""
     out = np.empty((len(encoded), 2), np.float64)
+    order = np.argsort([max(len(c), len(r)) for (c, _), (r, _) in encoded], kind="stable")
+    batches = [(order[i:i + batch_size],) for i in range(0, len(order), batch_size)]
+
+    def logps(idx):
+        with autograd.no_grad():  # per thread: no_grad holds in the thread that enters it
+            c, r = posttrain.pair_logprobs(model, [encoded[i] for i in idx], pad_id)
+        return idx, backend.to_device(c.data, "cpu"), backend.to_device(r.data, "cpu")
+
     training = model.training
     model.eval()
     try:
-        with autograd.no_grad():
-            for i in range(0, len(encoded), batch_size):
-                c, r = posttrain.pair_logprobs(model, encoded[i:i + batch_size], pad_id)
-                out[i:i + len(c.data), 0] = backend.to_device(c.data, "cpu")
-                out[i:i + len(r.data), 1] = backend.to_device(r.data, "cpu")
+        for k in range(0, len(batches), threads):
+            group = batches[k:k + threads]
+            for idx, c, r in (run_slices(logps, group) if len(group) > 1 else [logps(*group[0])]):
+                out[idx, 0], out[idx, 1] = c, r
     finally:
         model.train(training)
     return out
@@ -331,8 +347,11 @@ class DPORun(Run):
         if resume_from is not None:  # the trained weights are not the reference: reload it
             model = self._starting_model(start)
         t0 = time.perf_counter()
-        self.ref_train = reference_logprobs(model, self.train_pairs, cfg.batch_size, self.pad_id)
-        self.ref_val = reference_logprobs(model, self.val_pairs, cfg.batch_size, self.pad_id)
+        threads = shard_count(cfg.data_threads, cfg.batch_size, cfg.device, 0.0, cfg.threads)
+        self.ref_train = reference_logprobs(model, self.train_pairs, cfg.batch_size, self.pad_id,
+                                            threads)
+        self.ref_val = reference_logprobs(model, self.val_pairs, cfg.batch_size, self.pad_id,
+                                          threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_reference(path, key, self.ref_train, self.ref_val)
         log(cfg, f"reference log-probabilities of {len(self.train_pairs) + len(self.val_pairs):,} "
@@ -377,8 +396,12 @@ class DPORun(Run):
         if cfg.loss == "ipo":  # per-token averages
             pc, pr = pc / self._dev(lengths[:, 0]), pr / self._dev(lengths[:, 1])
             rc, rr = rc / lengths[:, 0], rr / lengths[:, 1]
-        return posttrain.dpo_loss(pc, pr, self._dev(rc), self._dev(rr), cfg.beta, cfg.loss,
-                                  cfg.label_smoothing)
+        losses, chosen, rejected = posttrain.dpo_loss(pc, pr, self._dev(rc), self._dev(rr),
+                                                      cfg.beta, cfg.loss, cfg.label_smoothing)
+        if cfg.rpo_alpha:
+            nll = -pc if cfg.loss == "ipo" else -pc / self._dev(lengths[:, 0])
+            losses = losses + cfg.rpo_alpha * nll
+        return losses, chosen, rejected
 
     def _slice_grads(self, idx, weight):
         """Forward and backward of the pairs `idx`, their mean loss weighted by `weight`
@@ -582,6 +605,10 @@ def register(subparsers):
     p.add_argument("--label-smoothing", type=probability,
                    help=f"sigmoid loss: assumed share of mislabelled pairs, in [0, 0.5) "
                         f"({d.label_smoothing})")
+    p.add_argument("--rpo-alpha", type=nonnegative_float,
+                   help=f"add this times the chosen replies' per-token negative log-likelihood "
+                        f"to the loss (RPO), which keeps the chosen replies likely "
+                        f"({d.rpo_alpha})")
     p.add_argument("--n-train", type=positive_int, help=f"built-in training pairs ({d.n_train})")
     p.add_argument("--n-val", type=positive_int, help=f"built-in held-out pairs ({d.n_val})")
     p.add_argument("--val-fraction", type=probability,
