@@ -221,6 +221,7 @@ def one_error_line(capsys):
     (["--dtype", "int8"], "dtype"),
     (["--device", "tpu"], "device"),
     (["--schedule", "cubic"], "--schedule"),
+    (["--lora-rank", "2", "--lora-targets", "wq,wz"], "wz"),
 ])
 def test_reward_train_refuses_bad_settings(base, pairs_file, tmp_path, capsys, extra, words):
     out = tmp_path / "run"

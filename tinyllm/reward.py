@@ -506,6 +506,13 @@ class RewardConfig:
                     high_open=True)
         check_int("lora_rank", self.lora_rank, low=0)
         check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
+        if self.lora_rank:
+            from tinyllm.lora import LoRAConfig
+
+            try:
+                LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets)
+            except ValueError as e:
+                raise UsageError(f"lora_targets: {e}") from None
         if not self.base:
             raise UsageError("--from: give the run folder (an SFT model) to start from")
         if not isinstance(self.data, str) or not self.data:
