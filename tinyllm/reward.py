@@ -51,12 +51,13 @@ import numpy as np
 import autograd
 from autograd import backend
 from autograd.nn import Linear, Module
-from autograd.tensor import Function, Tensor
+from autograd.tensor import Tensor
 from tinyllm import chat, safetensors
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import (UsageError, nonnegative_float, nonnegative_int, positive_float,
                          positive_int, probability)
+from tinyllm.posttrain import log_sigmoid
 from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log,
                            param_dtype, read_config_file, run_slices, validate_common)
 
@@ -67,33 +68,18 @@ INFO_FILE = "reward.json"
 
 # ---- the loss ------------------------------------------------------------------------------------
 
-class Softplus(Function):
-    """softplus(x) = log(1 + e^x), as logaddexp(0, x): no overflow for any x."""
-
-    def forward(self, x):
-        self.x = x
-        return backend.get_array_module(x).logaddexp(0, x)
-
-    def backward(self, g):  # d softplus(x) = sigmoid(x) = (1 + tanh(x / 2)) / 2
-        xp = backend.get_array_module(self.x)
-        return g * (0.5 * (1 + xp.tanh(0.5 * self.x)))
-
-
-def softplus(x):
-    return Softplus().apply(x)
-
-
 def bradley_terry_loss(r_chosen, r_rejected):
     """(loss, accuracy) of a batch of pairs: the mean of -log sigmoid(r_c - r_r) =
     softplus(-(r_c - r_r)), a scalar Tensor, and the share of pairs with r_c > r_r, a float.
-    r_chosen and r_rejected: Tensors (or arrays) of shape (B,)."""
+    r_chosen and r_rejected: Tensors (or arrays) of shape (B,). log sigmoid is computed as
+    -logaddexp(0, -m) (posttrain.log_sigmoid), so no margin overflows."""
     r_c = r_chosen if isinstance(r_chosen, Tensor) else Tensor(r_chosen)
     r_r = r_rejected if isinstance(r_rejected, Tensor) else Tensor(r_rejected)
     if r_c.ndim != 1 or r_c.shape != r_r.shape or r_c.shape[0] == 0:
         raise ValueError(f"bradley_terry_loss: r_chosen and r_rejected must have the same shape "
                          f"(B,) with B >= 1, got {r_c.shape} and {r_r.shape}")
     margin = r_c - r_r
-    loss = softplus(-margin).mean()
+    loss = -log_sigmoid(margin).mean()
     accuracy = float((margin.data > 0).mean())
     return loss, accuracy
 
