@@ -160,6 +160,7 @@ class Engine:
         self.cancelled = 0
         self.failed = 0
         self.tokens_generated = 0
+        self.peak_rows = 0  # the most rows one decoding forward has carried
 
     # ---- the public side (any thread) ----------------------------------------------------
     def new_job(self, prompt_ids, max_tokens, **settings):
@@ -267,6 +268,7 @@ class Engine:
         if not keep:
             self._cohorts.remove(cohort)
             return
+        self.peak_rows = max(self.peak_rows, len(keep))
         cohort.logits = _forward(self.model, np.asarray(tokens, np.int64)[keep][:, None],
                                  cohort.cache)
 
@@ -479,6 +481,7 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: many clients may connect at once
 
     def __init__(self, address, engine, model_id, api_key=None, max_tokens_limit=1024,
                  max_body_bytes=MAX_BODY_BYTES, max_messages=MAX_MESSAGES, log=None):
@@ -602,7 +605,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "ok", "model": self.server.model_id, "active": e.active,
                          "queued": e.queued, "max_batch": e.max_batch,
                          "completed": e.completed, "cancelled": e.cancelled,
-                         "failed": e.failed, "tokens_generated": e.tokens_generated})
+                         "failed": e.failed, "tokens_generated": e.tokens_generated,
+                         "peak_rows": e.peak_rows})
 
     def _model_object(self):
         return {"id": self.server.model_id, "object": "model", "created": self.server.created,
@@ -660,15 +664,21 @@ class Handler(BaseHTTPRequestHandler):
             job.cancel()  # a no-op for a finished job; frees the slot of an abandoned one
 
     def _events(self, job):
-        """The job's events as they come; cancels the job when the client goes away."""
+        """The job's events as they come; cancels the job when the client goes away (checked
+        every POLL_S seconds, also while text keeps coming)."""
+        check_at = time.monotonic() + POLL_S
         while True:
             try:
                 event = job.events.get(timeout=POLL_S)
             except queue.Empty:
+                event = None
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + POLL_S
                 if _client_gone(self.connection):
                     job.cancel()
                     self.close_connection = True
                     return
+            if event is None:
                 continue
             yield event
             if event[0] != "text":
