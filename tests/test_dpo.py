@@ -306,6 +306,18 @@ def test_user_pairs_and_lora(start, tmp_path):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_resume_refuses_changed_data_before_any_work(start, tmp_path, capsys):
+    write_pairs(tmp_path / "pairs.jsonl", builtin_pairs("train", 30, seed=2))
+    args = ["dpo", "--from", str(start), "--data", str(tmp_path / "pairs.jsonl"), "-o",
+            str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "-q"]
+    assert cli_main(args) == 0
+    reference = (tmp_path / "run" / REFERENCE_FILE).read_bytes()
+    write_pairs(tmp_path / "pairs.jsonl", builtin_pairs("train", 30, seed=3))
+    assert cli_main(["dpo", "--resume", str(tmp_path / "run"), "--steps", "4", "-q"]) == 2
+    assert "dataset does not match" in capsys.readouterr().err
+    assert (tmp_path / "run" / REFERENCE_FILE).read_bytes() == reference
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 def dpo_args(start, out, *extra):

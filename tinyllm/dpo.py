@@ -282,12 +282,13 @@ class DPORun(Run):
         n_tok = sum(len(c) + len(r) for (c, _), (r, _) in self.train_pairs)
         self.data_summary = (f"data: {source}, {len(self.train_pairs):,} train / "
                              f"{len(self.val_pairs):,} held-out pairs, "
-                             f"{n_tok / len(self.train_pairs) / 2:.0f} tokens per reply "
-                             f"on average")
+                             f"{n_tok / len(self.train_pairs) / 2:.0f} tokens per prompt + "
+                             f"reply on average")
         self.batch_summary = (f"{cfg.batch_size} pairs"
                               f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}"
                               f" (chosen and rejected in one batch; beta {cfg.beta}, "
-                              f"{cfg.loss} loss)")
+                              f"{cfg.loss} loss"
+                              f"{f' + {cfg.rpo_alpha} x chosen NLL' if cfg.rpo_alpha else ''})")
 
     def _load_model(self, resume_from):
         """(model, tokenizer, starting fingerprint): the starting model's fingerprint, or
@@ -332,10 +333,14 @@ class DPORun(Run):
         cfg = self.cfg
         path = self.run_dir / REFERENCE_FILE
         if resume_from is not None:
-            start = resume_from["meta"].get("reference_model")
+            meta = resume_from["meta"]
+            start = meta.get("reference_model")
             if start is None:
                 raise CheckpointError(f"{resume_from['path']}: not a DPO checkpoint (no "
                                       f"reference model fingerprint)")
+            if meta["dataset"]["key"] != self.data_meta["key"]:  # before any reference work
+                raise CheckpointError(f"{resume_from['path']}: dataset does not match: the "
+                                      f"checkpoint was trained on other preference pairs")
         key = hashlib.sha256(f"{start}:{self.data_meta['key']}".encode()).hexdigest()
         self.reference_model = start
         found = load_reference(path, key)
