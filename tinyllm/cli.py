@@ -138,6 +138,7 @@ def build_parser():
     from tinyllm import evaluate; evaluate.register(sub)  # noqa: E702
     from tinyllm import dpo; dpo.register(sub)  # noqa: E702
     from tinyllm import reward; reward.register(sub)  # noqa: E702
+    from tinyllm import rl; rl.register(sub)  # noqa: E702
     from tinyllm import serve; serve.register(sub)  # noqa: E702
     return parser
 
