@@ -24,6 +24,8 @@ if [ "$DEVICE" = cpu ]; then
     BASE_ARGS=(--sample-tokens 0)
     SFT_ARGS=()
     LORA_ARGS=(--lora-rank 16 --lr 5e-3)
+    DPO_ARGS=()
+    REWARD_ARGS=()
     EVAL_ARGS=()
 else
     # nanoGPT's shakespeare_char size (6 x 384, context 256, llama flavour) on the built-in
@@ -37,6 +39,8 @@ else
               --device "$DEVICE" --dtype bfloat16)
     LORA_ARGS=(--lora-rank 16 --batch-size 64 --steps 3000 --lr 3e-3 --min-lr 3e-4
                --eval-every 500 --device "$DEVICE" --dtype bfloat16)
+    DPO_ARGS=(--device "$DEVICE" --dtype bfloat16)
+    REWARD_ARGS=(--device "$DEVICE" --dtype bfloat16)
     EVAL_ARGS=(--device "$DEVICE")
 fi
 
@@ -63,7 +67,20 @@ step base "$PYTHON" -m tinyllm train --out "$OUT/base" --overwrite "${BASE_ARGS[
 step sft "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/sft" --overwrite "${SFT_ARGS[@]}" ${SFT_EXTRA:-}
 step lora "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/lora" --overwrite "${LORA_ARGS[@]}" ${SFT_EXTRA:-}
 step merge "$PYTHON" -m tinyllm merge-lora "$OUT/lora" --out "$OUT/lora-merged" --overwrite
+step dpo "$PYTHON" -m tinyllm dpo --from "$OUT/sft" --out "$OUT/dpo" --overwrite "${DPO_ARGS[@]}" ${DPO_EXTRA:-}
+step reward "$PYTHON" -m tinyllm reward train --from "$OUT/sft" --out "$OUT/reward" --overwrite "${REWARD_ARGS[@]}" ${DPO_EXTRA:-}
 evaluate base "$OUT/base"
 evaluate sft "$OUT/sft"
 evaluate lora "$OUT/lora-merged"
+evaluate dpo "$OUT/dpo"
+# held-out preference figures: DPO's last evaluation, the reward model's
+"$PYTHON" - "$OUT" "$DEVICE" >> "$results" <<'PY'
+import json, sys
+out, device = sys.argv[1], sys.argv[2]
+evals = [json.loads(l) for l in open(f"{out}/dpo/metrics.jsonl") if "val_rewards/accuracies" in l]
+first, last = evals[0], evals[-1]
+print(json.dumps({"model": "dpo", "device": device, "heldout_first": first, "heldout_last": last}))
+print(json.dumps({"model": "reward", "device": device, **json.load(open(f"{out}/reward/reward.json"))}))
+PY
+tail -2 "$results"
 echo "results in $results"
