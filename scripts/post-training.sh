@@ -37,7 +37,7 @@ else
                --dtype bfloat16 --sample-tokens 0)
     SFT_ARGS=(--batch-size 64 --steps 1500 --lr 1e-3 --min-lr 1e-4 --eval-every 250
               --device "$DEVICE" --dtype bfloat16)
-    LORA_ARGS=(--lora-rank 16 --batch-size 64 --steps 3000 --lr 3e-3 --min-lr 3e-4
+    LORA_ARGS=(--lora-rank 16 --batch-size 64 --steps 1500 --lr 3e-3 --min-lr 3e-4
                --eval-every 500 --device "$DEVICE" --dtype bfloat16)
     DPO_ARGS=(--device "$DEVICE" --dtype bfloat16)
     REWARD_ARGS=(--device "$DEVICE" --dtype bfloat16)
