@@ -73,7 +73,7 @@ def user(text):
 
 def start(**settings):
     server = serve.make_server(MODEL, TOK, model_id="tiny", port=0, **settings)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     return server
 

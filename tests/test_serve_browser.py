@@ -101,7 +101,7 @@ def server():
 
     tok = chat.add_chat_tokens(Tokenizer.bytes(special_tokens=["<|endoftext|>"]))
     s = serve.make_server(tiny_model(), tok, model_id="tiny", port=0)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
+    threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True).start()
     yield s
     s.shutdown()
     s.server_close()

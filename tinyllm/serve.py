@@ -1,6 +1,8 @@
 """`tinyllm serve`: an OpenAI-compatible chat endpoint, streaming included, and a chat page.
 
     POST /v1/chat/completions   messages, temperature, top_p, max_tokens, stop, seed, stream
+                                (and stream_options.include_usage); `model` may name
+                                anything, the one model answers
     GET  /v1/models             the one model served (its id: the run folder's name)
     GET  /health                {"status": "ok", ...} and the worker's queue and slots
     GET  /                      the chat page (tinyllm/static/chat.html)
@@ -27,8 +29,8 @@ single worker thread (`Engine`) serves:
 A row's tokens never mix with another's: each row has its own cache row, text decoder and
 generator, and a batched forward computes every row as it would alone. In floating point
 "as it would alone" holds to rounding: a BLAS product over B rows may sum in another order
-than over one row, so logits agree to ~1e-7 relative (float32), and a greedy choice between two
-tokens whose logits tie that closely may differ. `--max-batch 1` decodes every row on its own
+than over one row, so float32 logits agree to about 1e-6 relative, and a greedy choice between
+two tokens whose logits tie that closely may differ. `--max-batch 1` decodes every row on its own
 (jobs still interleave step by step), which makes temperature-0 replies bit-for-bit
 independent of the traffic.
 
@@ -37,6 +39,11 @@ string ("stop"), or at max_tokens or the end of the context ("length"). usage co
 rendered prompt's tokens and the tokens generated (the end-of-turn token is not counted).
 A client that disconnects cancels its job: the HTTP thread sees the closed socket (or a failed
 write) and the worker drops the row at its next step.
+
+Requests are checked before they are queued: the body's size (MAX_BODY_BYTES), the number of
+messages (MAX_MESSAGES), max_tokens (--max-tokens-limit), every field's type and range, the
+roles, and the prompt against the context. A refusal is a 400 with an OpenAI-style error
+object whose `param` names the field; `--api-key` guards /v1/ (401 without the key).
 """
 
 import hmac
@@ -160,7 +167,7 @@ class Engine:
         self.cancelled = 0
         self.failed = 0
         self.tokens_generated = 0
-        self.peak_rows = 0  # the most rows one decoding forward has carried
+        self.peak_rows = 0  # the most rows one forward has carried
 
     # ---- the public side (any thread) ----------------------------------------------------
     def new_job(self, prompt_ids, max_tokens, **settings):
@@ -179,6 +186,10 @@ class Engine:
     @property
     def queued(self):
         return len(self._queue)
+
+    @property
+    def alive(self):
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="tinyllm-serve-worker",
@@ -242,6 +253,7 @@ class Engine:
         """Jobs with prompts of one length become a cohort: one forward over all prompts."""
         ids = np.asarray([j.prompt_ids for j in jobs], np.int64)
         cache = self.model.new_cache(len(jobs))
+        self.peak_rows = max(self.peak_rows, len(jobs))
         self._cohorts.append(_Cohort(jobs, cache, _forward(self.model, ids, cache)))
 
     def _step(self, cohort):
@@ -504,6 +516,12 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall while sending its request
     server_version = "tinyllm"
 
+    def setup(self):
+        super().setup()
+        # small writes (a response's head and body, one event per token) go out at once,
+        # not after the client's delayed acknowledgement (~40 ms each)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # ---- dispatch --------------------------------------------------------------------------
     def do_GET(self):
         self._dispatch("GET")
@@ -602,11 +620,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _health(self):
         e = self.server.engine
-        self._send(200, {"status": "ok", "model": self.server.model_id, "active": e.active,
-                         "queued": e.queued, "max_batch": e.max_batch,
-                         "completed": e.completed, "cancelled": e.cancelled,
-                         "failed": e.failed, "tokens_generated": e.tokens_generated,
-                         "peak_rows": e.peak_rows})
+        alive = e.alive
+        self._send(200 if alive else 503, {
+            "status": "ok" if alive else "the model worker has stopped",
+            "model": self.server.model_id, "active": e.active, "queued": e.queued,
+            "max_batch": e.max_batch, "completed": e.completed, "cancelled": e.cancelled,
+            "failed": e.failed, "tokens_generated": e.tokens_generated,
+            "peak_rows": e.peak_rows})
 
     def _model_object(self):
         return {"id": self.server.model_id, "object": "model", "created": self.server.created,
