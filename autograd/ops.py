@@ -200,8 +200,9 @@ class Softplus(Function):
         self.x = x
         return xp_of(x).logaddexp(0, x).astype(x.dtype, copy=False)  # log(1 + e^x), no overflow
 
-    def backward(self, g):  # d softplus(x) = sigmoid(x)
-        return g * _sigmoid(self.x)
+    def backward(self, g):  # d softplus(x) = sigmoid(x) = exp(-softplus(-x)): exact in the tails
+        xp = xp_of(g)
+        return g * xp.exp(-xp.logaddexp(0, -self.x)).astype(self.x.dtype, copy=False)
 
 
 class LogSigmoid(Function):
@@ -209,8 +210,9 @@ class LogSigmoid(Function):
         self.x = x
         return -xp_of(x).logaddexp(0, -x).astype(x.dtype, copy=False)  # -softplus(-x)
 
-    def backward(self, g):  # d log sigmoid(x) = 1 - sigmoid(x) = sigmoid(-x): no cancellation
-        return g * _sigmoid(-self.x)
+    def backward(self, g):  # d log sigmoid(x) = sigmoid(-x) = exp(-softplus(x)): no cancellation
+        xp = xp_of(g)
+        return g * xp.exp(-xp.logaddexp(0, self.x)).astype(self.x.dtype, copy=False)
 
 
 class Relu(Function):

@@ -361,4 +361,4 @@ def test_a_bad_data_line_and_a_bad_start_exit_2_before_any_work(start, tmp_path,
     assert not out.exists()
     # a folder that is not a DPO run cannot be resumed as one
     assert cli_main(["dpo", "--resume", str(start / "best.ckpt")]) == 2
-    assert "not a DPO run" in capsys.readouterr().err
+    assert "not a dpo run" in capsys.readouterr().err

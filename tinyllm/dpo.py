@@ -24,37 +24,34 @@ same on the held-out pairs at each evaluation (val_ prefixed). The validation lo
 held-out DPO loss; best.ckpt is the lowest one.
 """
 
-import dataclasses
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 import autograd
 from autograd import backend
-from tinyllm import chat, posttrain, preference
+from tinyllm import chat, finetune, posttrain, preference
 from tinyllm.atomic import atomic_write
-from tinyllm.checkpoint import CheckpointError, load_checkpoint
-from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
-                         nonnegative_int, positive_float, positive_int)
-from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log, param_dtype,
-                           read_config_file, run_slices, shard_count, validate_common)
+from tinyllm.checkpoint import CheckpointError
+from tinyllm.cli import UsageError, check_choice, check_float, nonnegative_float, positive_float
+from tinyllm.finetune import FinetuneConfig
+from tinyllm.train import Run, apply_update, log, param_dtype, run_slices, shard_count
 
 REFERENCE_FILE = "reference_logps.npz"
 
 
 @dataclass
-class DPOConfig:
-    base: str | None = None  # the model to start from, usually an SFT run folder (--from)
-    tokenizer: str | None = None  # for a Hugging Face folder without tokenizer files
-    data: str = "builtin"  # "builtin" (tinyllm.preference.builtin_pairs) or a .jsonl file
+class DPOConfig(FinetuneConfig):
+    command: ClassVar[str] = "dpo"
+    suffix: ClassVar[str] = "dpo"
+
     n_train: int = 4000  # built-in data: training pairs
     n_val: int = 400  # built-in data: held-out pairs
-    val_fraction: float = 0.05  # a user's file: share held out (chosen by content hash)
     # the objective
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid | ipo | hinge
@@ -64,54 +61,16 @@ class DPOConfig:
     # with the rejected ones', and a small model's greedy answers got worse for it (measured
     # on the built-in tasks); the NLL term keeps the chosen replies likely.
     rpo_alpha: float = 1.0
-    # low-rank adapters: rank 0 trains every weight
-    lora_rank: int = 0
-    lora_alpha: float | None = None  # None: 2 * rank
-    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    # optimization (as TrainConfig)
     steps: int = 200
     batch_size: int = 32  # pairs per micro-batch (twice as many sequences)
-    grad_accum: int = 1
     lr: float = 2e-4
     min_lr: float = 2e-5
     warmup: int = 10
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    clip: float = 1.0
-    # bookkeeping (as TrainConfig)
-    seed: int = 1337
     log_every: int = 10
     eval_every: int = 50
-    eval_iters: int = 25  # held-out batches per evaluation (at most)
-    out: str | None = None  # run folder; None: <base>-dpo
-    device: str = "cpu"
-    dtype: str = "float32"
-    peak_flops: float | None = None
-    threads: int | None = None
-    data_threads: int | str = "auto"
-    checkpoint_blocks: bool = False
-    quiet: bool = False
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d, source="config"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"{source}: unknown DPO settings {unknown}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
 
     def validate(self):
-        validate_common(self)
-        check_int("n_train", self.n_train, low=1)
-        check_int("n_val", self.n_val, low=1)
-        check_float("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
+        super().validate()
         check_float("beta", self.beta, low=0, low_open=True)
         check_choice("loss", self.loss, posttrain.LOSS_TYPES)
         check_float("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
@@ -119,20 +78,8 @@ class DPOConfig:
             raise UsageError(f"label_smoothing: is for the sigmoid loss, not {self.loss!r} "
                              f"(got {self.label_smoothing!r})")
         check_float("rpo_alpha", self.rpo_alpha, low=0)
-        check_int("lora_rank", self.lora_rank, low=0)
-        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
-        if not self.base:
-            raise UsageError("--from: give the run folder (usually a fine-tuned chat model) to "
-                             "start from")
-        if self.data != "builtin" and not Path(self.data).is_file():
-            raise UsageError(f"--data {self.data}: no such file (give a JSON-lines file of "
-                             f"{preference.FORMAT}, or builtin)")
         return self
 
-
-# Settings that may change when resuming (they do not change what a step computes).
-RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
-             "device", "threads", "data_threads", "checkpoint_blocks"}
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -191,12 +138,6 @@ def model_fingerprint(model, dtype):
     return h.hexdigest()
 
 
-def default_out(cfg):
-    """runs/laptop-sft -> runs/laptop-sft-dpo."""
-    base = Path(str(cfg.base).rstrip("/"))
-    return str(base.parent / f"{base.name}-dpo")
-
-
 # ---- the reference: log-probabilities of the starting model, computed once -------------------
 
 def reference_logprobs(model, encoded, batch_size, pad_id, threads=1):
@@ -250,7 +191,7 @@ class DPORun(Run):
     command = "dpo"
 
     def default_out(self):
-        return default_out(self.cfg)
+        return self.cfg.default_out()
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -524,61 +465,12 @@ class DPORun(Run):
 
 # ---- command line -------------------------------------------------------------------------------
 
-def _checkpoint_path(resume):
-    path = Path(resume)
-    return path / "last.ckpt" if path.is_dir() else path
-
-
-def config_from_args(args):
-    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
-    settings, saved, path = {}, None, None
-    if args.resume:
-        path = _checkpoint_path(args.resume)
-        meta, _ = load_checkpoint(path)
-        if meta.get("kind") != "dpo":
-            raise UsageError(f"--resume {args.resume}: not a DPO run (resume it with "
-                             f"tinyllm {meta.get('kind') or 'train'} --resume)")
-        saved = meta["train_config"]
-        settings.update(saved)
-        settings["out"] = str(path.parent)
-    file_settings = read_config_file(args.config) if args.config else {}
-    settings.update(file_settings)
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.base is not None:
-        cli["base"] = args.base
-    if saved is not None:
-        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
-                   if k not in RESUMABLE and saved.get(k) != v}
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
-                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
-    settings.update(cli)
-    return DPOConfig.from_dict(settings, args.config or "command line").validate()
-
-
 def cmd_dpo(args):
-    cfg = config_from_args(args)
-    out = Path(cfg.out or default_out(cfg))
-    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
-    if not args.resume and not Path(cfg.base).exists():
-        raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
+    cfg = finetune.config_from_args(args, DPOConfig)
     if cfg.data != "builtin":
         preference.read_pairs(cfg.data)  # every line checked before any work
-    ckpt = None
-    if args.resume:
-        path = _checkpoint_path(args.resume)
-        meta, arrays = load_checkpoint(path)
-        ckpt = {"path": path, "meta": meta, "arrays": arrays}
-    cfg.out = str(out)
-    run = DPORun(cfg, resume_from=ckpt)
-    run.overwrite = args.overwrite
-    summary = run.fit()
-    if summary["diverged"]:
-        return 1
-    if summary["interrupted"]:
-        return 130
-    return 0
+    _, code = finetune.start(args, cfg, DPORun)
+    return code
 
 
 def register(subparsers):
@@ -590,19 +482,10 @@ def register(subparsers):
         description="Direct Preference Optimization of a chat model on (prompt, chosen, "
                     "rejected) pairs, against the frozen starting model. Settings: DPOConfig "
                     "defaults < --config file < flags.")
-    p.add_argument("--from", dest="base", metavar="RUN_DIR",
-                   help="the model to start from and compare with: a tinyllm run folder or "
-                        ".ckpt, usually from tinyllm sft")
-    p.add_argument("--data", metavar="FILE.jsonl|builtin",
-                   help=f"a JSON-lines file of {preference.FORMAT} (each a string or a list of "
-                        f"chat messages), or builtin: right vs wrong answers to the built-in "
-                        f"tasks (default {d.data})")
-    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
-    p.add_argument("--config", help="TOML or JSON file of settings")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the DPO run in this folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the output folder")
-    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -dpo)")
+    finetune.add_arguments(p, d, "pairs",
+                           f"a JSON-lines file of {preference.FORMAT} (each a string or a list of "
+                           f"chat messages), or builtin: right vs wrong answers to the built-in "
+                           f"tasks")
     p.add_argument("--beta", type=positive_float,
                    help=f"strength of the pull towards the reference: larger stays closer "
                         f"({d.beta})")
@@ -614,36 +497,5 @@ def register(subparsers):
                    help=f"add this times the chosen replies' per-token negative log-likelihood "
                         f"to the loss (RPO), which keeps the chosen replies likely "
                         f"({d.rpo_alpha})")
-    p.add_argument("--n-train", type=positive_int, help=f"built-in training pairs ({d.n_train})")
-    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out pairs ({d.n_val})")
-    p.add_argument("--val-fraction", type=probability,
-                   help=f"share of a --data file held out ({d.val_fraction})")
-    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
-                   "weights (0: every weight, the default)")
-    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
-    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
-                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
-    p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
-    p.add_argument("--batch-size", type=positive_int, help=f"pairs per micro-batch ({d.batch_size})")
-    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
-    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
-    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
-    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int, help=f"({d.seed})")
-    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
-    p.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations ({d.eval_every})")
-    p.add_argument("--eval-iters", type=positive_int,
-                   help=f"held-out batches of pairs, at most ({d.eval_iters})")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
-    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
-                   help="CPU: threads that share each micro-batch (auto)")
-    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
-                   help="activation checkpointing: recompute each block in backward")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.set_defaults(func=cmd_dpo)
     return p

@@ -35,7 +35,6 @@ leaves no half-written export.
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path

@@ -23,7 +23,8 @@ the template's trained tokens after the prompt (the assistant's text and its <|i
 import numpy as np
 
 from autograd import backend, ops
-from autograd.tensor import Function, Tensor
+from autograd.ops import log_sigmoid
+from autograd.tensor import Tensor
 from tinyllm import chat
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -31,23 +32,6 @@ IGNORE_INDEX = -100  # a target that counts for nothing (as in GPT.forward)
 
 
 # ---- the loss --------------------------------------------------------------------------------
-
-class LogSigmoid(Function):
-    """log sigmoid(x) = -softplus(-x) = -log(1 + e^-x), with no overflow for any x."""
-
-    def forward(self, x):
-        xp = backend.get_array_module(x)
-        self.x = x
-        return -xp.logaddexp(0, -x).astype(x.dtype, copy=False)
-
-    def backward(self, g):  # d log sigmoid(x) = sigmoid(-x) = exp(log sigmoid(-x)): no
-        xp = backend.get_array_module(g)  # cancellation in 1 - sigmoid(x) for large x
-        return g * xp.exp(-xp.logaddexp(0, self.x)).astype(self.x.dtype, copy=False)
-
-
-def log_sigmoid(x):
-    return LogSigmoid().apply(x)
-
 
 def _as_tensor(x, name):
     if isinstance(x, Tensor):

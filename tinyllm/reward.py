@@ -36,15 +36,15 @@ A reward model folder (a training run's folder, or `RewardModel.save(dir)`) hold
     reward.json             what the model is, how it was trained, its held-out accuracy
 """
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -52,14 +52,13 @@ import autograd
 from autograd import backend
 from autograd.nn import Linear, Module
 from autograd.tensor import Tensor
-from tinyllm import chat, safetensors
+from tinyllm import chat, finetune, safetensors
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
-from tinyllm.cli import (UsageError, nonnegative_float, nonnegative_int, positive_float,
-                         positive_int, probability)
-from tinyllm.posttrain import log_sigmoid
-from tinyllm.train import (Run, _int_or_auto, apply_update, check_run_folder, log,
-                           param_dtype, read_config_file, run_slices, validate_common)
+from tinyllm.cli import UsageError
+from tinyllm.finetune import FinetuneConfig
+from autograd.ops import log_sigmoid
+from tinyllm.train import Run, apply_update, log, param_dtype, run_slices
 
 HEAD_FILE = "score_head.safetensors"
 HEAD_FORMAT = "tinyllm-reward-head-1"  # the metadata marker of a head file
@@ -72,7 +71,7 @@ def bradley_terry_loss(r_chosen, r_rejected):
     """(loss, accuracy) of a batch of pairs: the mean of -log sigmoid(r_c - r_r) =
     softplus(-(r_c - r_r)), a scalar Tensor, and the share of pairs with r_c > r_r, a float.
     r_chosen and r_rejected: Tensors (or arrays) of shape (B,). log sigmoid is computed as
-    -logaddexp(0, -m) (posttrain.log_sigmoid), so no margin overflows."""
+    -logaddexp(0, -m) (autograd.ops.log_sigmoid), so no margin overflows."""
     r_c = r_chosen if isinstance(r_chosen, Tensor) else Tensor(r_chosen)
     r_r = r_rejected if isinstance(r_rejected, Tensor) else Tensor(r_rejected)
     if r_c.ndim != 1 or r_c.shape != r_r.shape or r_c.shape[0] == 0:
@@ -436,88 +435,12 @@ def rewards_of(model, ids, lengths, shards=1, to_device=lambda a: a):
 # ---- the run -------------------------------------------------------------------------------------
 
 @dataclass
-class RewardConfig:
-    base: str | None = None  # the model to start from, an SFT run folder (--from)
-    tokenizer: str | None = None  # for a Hugging Face folder without tokenizer files
-    data: str = "builtin"  # "builtin" (tinyllm.preference.builtin_pairs) or a .jsonl file
+class RewardConfig(FinetuneConfig):
+    command: ClassVar[str] = "reward"  # resumed with tinyllm reward train
+    suffix: ClassVar[str] = "rm"
+
     n_train: int = 20000  # built-in data: training pairs
-    n_val: int = 400  # built-in data: held-out pairs
-    val_fraction: float = 0.05  # a user's file: share held out (chosen by content hash)
-    lora_rank: int = 0  # 0 trains every weight
-    lora_alpha: float | None = None  # None: 2 * rank
-    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    steps: int = 600
     batch_size: int = 16  # preference pairs per micro-batch (twice as many rows)
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    clip: float = 1.0
-    seed: int = 1337
-    log_every: int = 20
-    eval_every: int = 100
-    eval_iters: int = 25  # held-out batches per evaluation
-    out: str | None = None  # run folder; None: <base>-rm
-    device: str = "cpu"
-    dtype: str = "float32"
-    peak_flops: float | None = None
-    threads: int | None = None
-    data_threads: int | str = "auto"
-    checkpoint_blocks: bool = False
-    quiet: bool = False
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d, source="config"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"{source}: unknown reward-model settings {unknown}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
-
-    def validate(self):
-        from tinyllm.cli import check_float, check_int
-
-        validate_common(self)
-        check_int("n_train", self.n_train, low=1)
-        check_int("n_val", self.n_val, low=1)
-        check_float("val_fraction", self.val_fraction, low=0, high=1, low_open=True,
-                    high_open=True)
-        check_int("lora_rank", self.lora_rank, low=0)
-        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
-        if self.lora_rank:
-            from tinyllm.lora import LoRAConfig
-
-            try:
-                LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_targets)
-            except ValueError as e:
-                raise UsageError(f"lora_targets: {e}") from None
-        if not self.base:
-            raise UsageError("--from: give the run folder (an SFT model) to start from")
-        if not isinstance(self.data, str) or not self.data:
-            raise UsageError(f"data: must be 'builtin' or a .jsonl file, got {self.data!r}")
-        if self.data != "builtin" and not Path(self.data).is_file():
-            raise UsageError(f"--data {self.data}: no such file (or 'builtin')")
-        return self
-
-
-# Settings that may change when resuming (they do not change what a step computes).
-RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
-             "device", "threads", "data_threads", "checkpoint_blocks"}
-
-
-def default_out(cfg):
-    """runs/laptop-sft -> runs/laptop-sft-rm."""
-    base = Path(str(cfg.base).rstrip("/"))
-    return str(base.parent / f"{base.name}-rm")
 
 
 class RewardRun(Run):
@@ -526,7 +449,7 @@ class RewardRun(Run):
     command = "reward train"
 
     def default_out(self):
-        return default_out(self.cfg)
+        return self.cfg.default_out()
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -746,59 +669,14 @@ class RewardRun(Run):
 
 # ---- command line --------------------------------------------------------------------------------
 
-def config_from_args(args):
-    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
-    settings, saved, path = {}, None, None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.ckpt" if path.is_dir() else path
-        if not path.is_file():
-            raise UsageError(f"--resume {args.resume}: no checkpoint there")
-        meta, _ = load_checkpoint(path)
-        if meta.get("kind") != "reward":
-            raise UsageError(f"--resume {args.resume}: not a reward-model training run")
-        saved = meta["train_config"]
-        settings.update(saved)
-        settings["out"] = str(path.parent)
-    if args.config and not Path(args.config).is_file():
-        raise UsageError(f"--config {args.config}: no such file")
-    file_settings = read_config_file(args.config) if args.config else {}
-    if not isinstance(file_settings, dict):
-        raise UsageError(f"--config {args.config}: must hold a table of settings")
-    settings.update(file_settings)
-    names = {f.name for f in dataclasses.fields(RewardConfig)}
-    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if saved is not None:
-        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
-                   if k not in RESUMABLE and saved.get(k) != v}
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
-                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
-    settings.update(cli)
-    return RewardConfig.from_dict(settings, args.config or "command line").validate()
-
-
 def cmd_train(args):
-    cfg = config_from_args(args)
-    out = Path(cfg.out or default_out(cfg))
-    if not args.resume and not Path(cfg.base).exists():
-        raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
-    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
-    ckpt = None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.ckpt" if path.is_dir() else path
-        meta, arrays = load_checkpoint(path)
-        ckpt = {"path": path, "meta": meta, "arrays": arrays}
-    cfg.out = str(out)
-    run = RewardRun(cfg, resume_from=ckpt)
-    run.overwrite = args.overwrite
-    summary = run.fit()
-    if summary["diverged"]:
-        return 1
-    if summary["interrupted"]:
-        return 130
-    return 0
+    cfg = finetune.config_from_args(args, RewardConfig)
+    if cfg.data != "builtin":
+        from tinyllm.preference import read_pairs
+
+        read_pairs(cfg.data)  # every line checked before any work
+    _, code = finetune.start(args, cfg, RewardRun)
+    return code
 
 
 DTYPES = ("float32", "float64")
@@ -852,48 +730,9 @@ def register_train(actions):
     p = actions.add_parser(
         "train", help="train a reward model on preference pairs (Bradley-Terry loss)",
         description="Train a reward model from an SFT model on preference pairs. Settings: "
-                    "RewardConfig defaults < --config file < flags.")
-    p.add_argument("--from", dest="base", metavar="RUN_DIR",
-                   help="the model to start from: an SFT run folder (or any run folder, .ckpt or "
-                        "Hugging Face GPT-2/Llama folder; the chat tokens are added if missing)")
-    p.add_argument("--data", help='a JSON-lines file of {"prompt", "chosen", "rejected"} pairs, or '
-                   f"builtin: pairs from the built-in chat tasks (default {d.data})")
-    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
-    p.add_argument("--config", help="TOML or JSON file of settings")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the output folder")
-    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -rm)")
-    p.add_argument("--n-train", type=positive_int, help=f"built-in training pairs ({d.n_train})")
-    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out pairs ({d.n_val})")
-    p.add_argument("--val-fraction", type=probability,
-                   help=f"share of a --data file held out ({d.val_fraction})")
-    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters on the "
-                   "backbone beside frozen weights, and the head (0: every weight, the default)")
-    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
-    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
-                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
-    p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
-    p.add_argument("--batch-size", type=positive_int, help=f"pairs per micro-batch ({d.batch_size})")
-    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
-    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
-    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
-    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int, help=f"({d.seed})")
-    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
-    p.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations ({d.eval_every})")
-    p.add_argument("--eval-iters", type=positive_int, help=f"held-out batches ({d.eval_iters})")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
-    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
-                   help="CPU: threads that share each micro-batch (auto)")
-    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
-                   help="activation checkpointing: recompute each block in backward")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+                    "RewardConfig defaults < --config file < flags. With --lora-rank, adapters "
+                    "on the backbone and the head train.")
+    finetune.add_arguments(p, d, "pairs", 'a JSON-lines file of {"prompt", "chosen", "rejected"} '
+                           "pairs, or builtin: pairs from the built-in chat tasks")
     p.set_defaults(func=cmd_train)
     return p
-

@@ -24,93 +24,38 @@ Validation is the mean loss over the assistant tokens of held-out conversations:
 tasks' held-out prompts, or a fixed share of a user's file.
 """
 
-import argparse
-import dataclasses
 import hashlib
 import json
-import math
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from autograd import backend
-from tinyllm import chat
-from tinyllm.checkpoint import CheckpointError, load_checkpoint
-from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
-                         nonnegative_int, positive_float, positive_int)
-from tinyllm.train import (IGNORE_INDEX, PRECISIONS, Run, _int_or_auto, check_run_folder, log,
-                           param_dtype, read_config_file, validate_common)
+from tinyllm import chat, finetune
+from tinyllm.cli import UsageError
+from tinyllm.finetune import FinetuneConfig
+from tinyllm.train import IGNORE_INDEX, Run, log, param_dtype
 
 
 @dataclass
-class SFTConfig:
-    base: str | None = None  # run folder or Hugging Face folder to start from (--from)
-    tokenizer: str | None = None  # for a Hugging Face folder without tokenizer files
-    data: str = "builtin"  # "builtin" (the chat tasks of tinyllm.tasks) or a .jsonl file
+class SFTConfig(FinetuneConfig):
+    command: ClassVar[str] = "sft"
+    suffix: ClassVar[str] = "sft"
+
     n_train: int = 20000  # built-in data: training conversations
     n_val: int = 400  # built-in data: held-out conversations
-    val_fraction: float = 0.05  # a user's file: share held out (chosen by content hash)
-    # low-rank adapters: rank 0 trains every weight
-    lora_rank: int = 0
-    lora_alpha: float | None = None  # None: 2 * rank
-    lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    # optimization (as TrainConfig)
     steps: int = 1500
-    batch_size: int = 32
-    grad_accum: int = 1
+    batch_size: int = 32  # conversations per micro-batch
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    clip: float = 1.0
-    # bookkeeping (as TrainConfig)
-    seed: int = 1337
-    log_every: int = 20
-    eval_every: int = 100
-    eval_iters: int = 25  # held-out batches per evaluation
-    out: str | None = None  # run folder; None: <base>-sft (or -lora)
-    device: str = "cpu"
-    dtype: str = "float32"
-    peak_flops: float | None = None
-    threads: int | None = None
-    data_threads: int | str = "auto"
-    checkpoint_blocks: bool = False
-    quiet: bool = False
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d, source="config"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"{source}: unknown fine-tuning settings {unknown}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
-
-    def validate(self):
-        validate_common(self)
-        check_int("n_train", self.n_train, low=1)
-        check_int("n_val", self.n_val, low=1)
-        check_float("val_fraction", self.val_fraction, low=0, high=1, low_open=True, high_open=True)
-        check_int("lora_rank", self.lora_rank, low=0)
-        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True)
-        if not self.base:
-            raise UsageError("--from: give the run folder or Hugging Face folder to fine-tune")
-        return self
-
-
-# Settings that may change when resuming (they do not change what a step computes).
-RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
-             "device", "threads", "data_threads", "checkpoint_blocks"}
+    def default_out(self):
+        """runs/laptop -> runs/laptop-sft (or -lora)."""
+        base = Path(str(self.base).rstrip("/"))
+        return str(base.parent / f"{base.name}-{'lora' if self.lora_rank else 'sft'}")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -177,12 +122,6 @@ def examples_key(examples):
     return h.hexdigest()
 
 
-def default_out(cfg):
-    """runs/laptop -> runs/laptop-sft (or -lora)."""
-    base = Path(str(cfg.base).rstrip("/"))
-    return str(base.parent / f"{base.name}-{'lora' if cfg.lora_rank else 'sft'}")
-
-
 BUCKET = 16  # conversations of a batch differ in length by less than this many tokens
 
 
@@ -194,7 +133,7 @@ class SFTRun(Run):
     command = "sft"
 
     def default_out(self):
-        return default_out(self.cfg)
+        return self.cfg.default_out()
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -337,63 +276,14 @@ class SFTRun(Run):
 
 # ---- command line -------------------------------------------------------------------------------
 
-def config_from_args(args):
-    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
-    settings, saved, path = {}, None, None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.ckpt" if path.is_dir() else path
-        meta, _ = load_checkpoint(path)
-        if meta.get("kind") != "sft":
-            raise UsageError(f"--resume {args.resume}: not a fine-tuning run (resume it with "
-                             f"tinyllm train --resume)")
-        saved = meta["train_config"]
-        settings.update(saved)
-        settings["out"] = str(path.parent)
-    file_settings = read_config_file(args.config) if args.config else {}
-    settings.update(file_settings)
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.base is not None:
-        cli["base"] = args.base
-    if saved is not None:
-        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
-                   if k not in RESUMABLE and saved.get(k) != v}
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
-                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
-    settings.update(cli)
-    return SFTConfig.from_dict(settings, args.config or "command line").validate()
-
-
 def cmd_sft(args):
-    cfg = config_from_args(args)
-    out = Path(cfg.out or default_out(cfg))
-    if not args.resume and Path(cfg.base).exists():
-        base = Path(cfg.base).resolve()
-        if out.resolve() == base or out.resolve() in base.parents:
-            raise UsageError(f"--out {out}: that folder holds the model to fine-tune "
-                             f"({cfg.base}); choose another")
-    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
-    if not args.resume and not Path(cfg.base).exists():
-        raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
-    ckpt = None
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.ckpt" if path.is_dir() else path
-        meta, arrays = load_checkpoint(path)
-        ckpt = {"path": path, "meta": meta, "arrays": arrays}
-    cfg.out = str(out)
-    run = SFTRun(cfg, resume_from=ckpt)
-    run.overwrite = args.overwrite
-    summary = run.fit()
-    if summary["diverged"]:
-        return 1
-    if summary["interrupted"]:
-        return 130
-    if not cfg.quiet:
+    cfg = finetune.config_from_args(args, SFTConfig)
+    if cfg.data != "builtin":
+        chat.read_conversations(cfg.data)  # every line checked before any work
+    run, code = finetune.start(args, cfg, SFTRun)
+    if code == 0 and not cfg.quiet:
         show_samples(run)
-    return 0
+    return code
 
 
 def show_samples(run, n=3):
@@ -413,54 +303,14 @@ def show_samples(run, n=3):
 
 
 def register(subparsers):
-    from tinyllm.cli import probability
-
     d = SFTConfig()
     p = subparsers.add_parser(
         "sft", help="supervised fine-tuning: teach a base model the chat template",
         description="Fine-tune a model on conversations (loss on the assistant's tokens only). "
                     "Settings: SFTConfig defaults < --config file < flags.")
-    p.add_argument("--from", dest="base", metavar="RUN_DIR_OR_HF_FOLDER",
-                   help="the model to start from: a tinyllm run folder or .ckpt, or a Hugging "
-                        "Face GPT-2/Llama folder")
-    p.add_argument("--data", help="a JSON-lines file of conversations, one per line, in any of: "
-                   + "; ".join(chat.FORMATS.values()) + f" (default {d.data}: the built-in tasks)")
-    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
-    p.add_argument("--config", help="TOML or JSON file of settings")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the output folder")
-    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -sft or -lora)")
-    p.add_argument("--n-train", type=positive_int, help=f"built-in training conversations ({d.n_train})")
-    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out conversations ({d.n_val})")
-    p.add_argument("--val-fraction", type=probability,
-                   help=f"share of a --data file held out ({d.val_fraction})")
-    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
-                   "weights (0: full fine-tuning, the default)")
-    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
-    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
-                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
-    p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
-    p.add_argument("--batch-size", type=positive_int, help=f"conversations per micro-batch ({d.batch_size})")
-    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
-    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
-    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
-    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int, help=f"({d.seed})")
-    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
-    p.add_argument("--eval-every", type=positive_int, help=f"steps between evaluations ({d.eval_every})")
-    p.add_argument("--eval-iters", type=positive_int, help=f"held-out batches ({d.eval_iters})")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
-    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
-                   help="CPU: threads that share each micro-batch (auto)")
-    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
-                   help="activation checkpointing: recompute each block in backward")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    finetune.add_arguments(p, d, "conversations",
+                           "a JSON-lines file of conversations, one per line, in any of: "
+                           + "; ".join(chat.FORMATS.values()) + ", or builtin: the built-in tasks")
     p.set_defaults(func=cmd_sft)
     return p
 
