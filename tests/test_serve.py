@@ -5,7 +5,11 @@ its slot at once."""
 
 import http.client
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,6 +19,7 @@ import pytest
 
 from autograd import manual_seed
 from tinyllm import chat, cli, serve
+from tinyllm.generate import save_for_generation
 from tinyllm.model import GPT
 from tinyllm.tokenizer import Tokenizer
 
@@ -71,8 +76,8 @@ def user(text):
 
 # ---- the server in a thread, and a client -------------------------------------------------
 
-def start(**settings):
-    server = serve.make_server(MODEL, TOK, model_id="tiny", port=0, **settings)
+def start(model=MODEL, **settings):
+    server = serve.make_server(model, TOK, model_id="tiny", port=0, **settings)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     return server
@@ -298,7 +303,20 @@ def test_body_over_the_limit_gets_400_and_the_server_goes_on(server):
     raw = json.dumps({"messages": user("x" * 5000)}).encode()
     status, out = request(server, "POST", "/v1/chat/completions", raw=raw)
     assert status == 400 and "limit of 4096 bytes" in out["error"]["message"]
-    assert complete(server, messages=OK, max_tokens=2)["usage"]["completion_tokens"] == 2
+    out = complete(server, messages=OK, temperature=0, max_tokens=2)
+    assert out["usage"]["completion_tokens"] == 2
+
+
+def test_content_length_is_required(server):
+    host, port = server.server_address[:2]
+    for head in (b"", b"Content-Length: -3\r\n", b"Content-Length: ten\r\n"):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head
+                         + b"\r\n")
+            reply = b""
+            while b"}}" not in reply:
+                reply += sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length header" in reply
 
 
 def test_paths_and_methods(server):
@@ -319,7 +337,7 @@ def test_api_key():
             assert status == 401 and out["error"]["code"] == "invalid_api_key"
             assert request(s, "GET", "/v1/models", headers=headers)[0] == 401
         status, out = request(s, "POST", "/v1/chat/completions",
-                              {"messages": OK, "max_tokens": 2}, good)
+                              {"messages": OK, "temperature": 0, "max_tokens": 2}, good)
         assert status == 200 and out["usage"]["completion_tokens"] == 2
         assert request(s, "GET", "/health")[0] == 200  # the page and health need no key
     finally:
@@ -328,8 +346,9 @@ def test_api_key():
 
 # ---- many clients, and clients that leave ---------------------------------------------------
 
-def test_sixteen_concurrent_streams_each_get_their_own_reply():
-    s = start(max_batch=16)
+@pytest.mark.parametrize("max_batch", [16, 4])
+def test_sixteen_concurrent_streams_each_get_their_own_reply(max_batch):
+    s = start(max_batch=max_batch)  # 4: most requests wait in the queue for a slot
     try:
         # lengths repeat, so some prompts share a prefill batch and others join mid-way
         prompts = ("cat dog sun sea red blue tree bird fish moon star rain wind fire snow "
@@ -356,8 +375,83 @@ def test_sixteen_concurrent_streams_each_get_their_own_reply():
             t.join(timeout=60)
         assert not errors, errors
         assert got == alone
-        assert s.engine.peak_rows > 1  # rows really were decoded together
         assert s.engine.failed == 0 and wait_idle(s)
+    finally:
+        stop(s)
+
+
+def run_jobs(engine, jobs, submit_later=()):
+    """Drive the engine by hand until every job ends; `submit_later` holds (round, job)
+    pairs submitted before that round. Returns {job: (text, finish_reason)}."""
+    later = dict(submit_later)
+    everyone = list(jobs) + list(later.values())
+    for job in jobs:
+        engine.submit(job)
+    texts = {job: [] for job in everyone}
+    for n in range(1000):
+        if n in later:
+            engine.submit(later[n])
+        engine.step()
+        for job in everyone:
+            while not job.events.empty():
+                kind, value = job.events.get()
+                if kind == "text":
+                    texts[job].append(value)
+        if all(job.finish_reason for job in everyone):
+            return {job: ("".join(texts[job]), job.finish_reason) for job in everyone}
+    raise AssertionError("the jobs did not end")
+
+
+def test_rows_of_one_batch_each_get_their_own_reply():
+    engine = serve.Engine(MODEL, TOK, max_batch=8)
+    words = ["cat", "dog", "sun", "blue", "tree", "bird"]  # two prompt lengths: two batches
+    stop = reference(user("sun"), 8)[0][2:4]
+    settings = [dict(max_tokens=8), dict(max_tokens=2), dict(max_tokens=8, stop=[stop]),
+                dict(max_tokens=8), dict(max_tokens=5), dict(max_tokens=8)]
+    jobs = [engine.new_job(prompt_ids(user(w)), temperature=0, **kw)
+            for w, kw in zip(words, settings)]
+    out = run_jobs(engine, jobs)
+    assert engine.peak_rows == 3 and engine.active == 0
+    for w, kw, job in zip(words, settings, jobs):
+        text, reason, n = reference(user(w), kw["max_tokens"])
+        if "stop" in kw:
+            text, reason = text[:text.find(stop)], "stop"
+        else:
+            assert job.completion_tokens == n
+        assert out[job] == (text, reason), w
+
+
+def test_rows_that_reach_one_position_merge_into_one_batch():
+    engine = serve.Engine(MODEL, TOK, max_batch=8)
+    # "cat" is prefilled at 23 positions and after one round sits at 24: where "blue" starts
+    first = engine.new_job(prompt_ids(user("cat")), 10, temperature=0)
+    second = engine.new_job(prompt_ids(user("blue")), 10, temperature=0)
+    assert len(second.prompt_ids) == len(first.prompt_ids) + 1
+    out = run_jobs(engine, [first], submit_later=[(1, second)])
+    assert engine.peak_rows == 2
+    assert out[first] == reference(user("cat"), 10)[:2]
+    assert out[second] == reference(user("blue"), 10)[:2]
+
+
+def test_a_model_with_dropout_is_served_in_eval_mode():
+    manual_seed(1)
+    model = GPT.from_preset("laptop", n_layers=1, d_model=32, n_heads=2, dropout=0.5,
+                            vocab_size=TOK.vocab_size, context_length=CONTEXT,
+                            dtype="float64", init_std=0.3)
+    assert model.training
+    s = start(model)
+    try:
+        replies = {complete(s, messages=user("cat"), temperature=0, max_tokens=12)
+                   ["choices"][0]["message"]["content"] for _ in range(3)}
+        model.eval()
+        ids, out = prompt_ids(user("cat")), []
+        for _ in range(12):  # the greedy reply of the model without dropout
+            logits, _ = model(np.array([ids + out]))
+            t = int(np.argmax(logits.data[0, -1]))
+            if t in SPECIALS:
+                break
+            out.append(t)
+        assert replies == {bytes(out).decode("utf-8", "replace")}
     finally:
         stop(s)
 
@@ -412,7 +506,54 @@ def test_a_client_that_hangs_up_frees_its_slot(slow_server, stream):
     assert out["usage"]["completion_tokens"] == 4 and e.failed == 0
 
 
+def test_a_failing_step_ends_its_request_not_the_server(monkeypatch):
+    forward, calls = serve._forward, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return forward(*args)
+
+    monkeypatch.setattr(serve, "_forward", fails_once)
+    s = start()
+    try:
+        status, out = request(s, "POST", "/v1/chat/completions",
+                              {"messages": OK, "max_tokens": 4})
+        assert status == 500 and out["error"]["type"] == "server_error"
+        assert "out of memory" in out["error"]["message"]
+        out = complete(s, messages=OK, temperature=0, max_tokens=4)
+        assert out["choices"][0]["message"]["content"] == reference(OK, 4)[0]
+        status, health = request(s, "GET", "/health")
+        assert status == 200 and health["failed"] == 1 and wait_idle(s)
+    finally:
+        stop(s)
+
+
 # ---- the command line ------------------------------------------------------------------------
+
+def test_command_line_serves_a_run_folder(tmp_path):
+    run = save_for_generation(tmp_path / "my-chat", MODEL, TOK)
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "serve", str(run), "--port", "0",
+                             "--max-batch", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # "serving my-chat at http://127.0.0.1:PORT/ ..."
+        url = re.search(r"at (http://[\d.]+:\d+)/", line).group(1)
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+            assert [m["id"] for m in json.load(resp)["data"]] == ["my-chat"]
+        req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": user("cat"), "temperature": 0,
+                                                      "max_tokens": 8}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            reply = json.load(resp)["choices"][0]["message"]["content"]
+        assert reply == reference(user("cat"), 8)[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
 
 def test_command_line_refuses_bad_settings_before_loading(tmp_path, capsys):
     for argv, words in ((["serve", str(tmp_path / "missing")], "no such run folder"),

@@ -153,6 +153,7 @@ class Engine:
                              "tinyllm.chat.prepare_for_chat(model, tokenizer) first")
         check_int("max_batch", max_batch, low=1)
         self.model, self.tokenizer = model, tokenizer
+        model.eval()  # no dropout: a reply depends on the prompt and the sampling alone
         self.max_batch, self.precision, self.max_queued = max_batch, precision, max_queued
         self.context_length = model.config.context_length
         self.stop_tokens = stop_ids(tokenizer)
@@ -207,26 +208,32 @@ class Engine:
     # ---- the worker thread -----------------------------------------------------------------
     def _run(self):
         with amp.autocast(self.precision):
-            while True:
-                new = self._take()
-                if new is None:
-                    break
-                for group in _by_length(new):
-                    self._guarded(group, self._prefill, group)
-                for cohort in list(self._cohorts):
-                    self._guarded(cohort.jobs, self._step, cohort)
-                self._merge()
+            while self._wait():
+                self.step()
         for job in [j for c in self._cohorts for j in c.jobs] + list(self._queue):
             self._end(job, "error", "the server is shutting down")
         self._cohorts, self._queue = [], deque()
 
-    def _take(self):
-        """Jobs for the free slots (waiting while there is nothing to do); None to stop."""
+    def _wait(self):
+        """Wait until there is work; False when the engine is closing."""
         with self._cond:
             while not self._closing and not self._cohorts and not self._queue:
                 self._cond.wait()
-            if self._closing:
-                return None
+            return not self._closing
+
+    def step(self):
+        """One round of the worker: queued jobs take the free slots (prefilled in batches of
+        equal prompt length), every row gets its next token, cohorts that meet merge. Only
+        one thread may call it: the worker (`start`), or a test that drives the engine."""
+        for group in _by_length(self._admit()):
+            self._guarded(group, self._prefill, group)
+        for cohort in list(self._cohorts):
+            self._guarded(cohort.jobs, self._step, cohort)
+        self._merge()
+
+    def _admit(self):
+        """Queued jobs for the free slots (cancelled ones are ended instead)."""
+        with self._cond:
             new = []
             while self._queue and self.active < self.max_batch:
                 job = self._queue.popleft()
@@ -651,11 +658,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             size = int(self.headers.get("Content-Length", ""))
         except ValueError:
+            size = -1
+        if size < 0:
             self.close_connection = True
-            raise RequestError("a Content-Length header is required",
-                               code="invalid_request") from None
+            raise RequestError("a Content-Length header (bytes of the body) is required",
+                               code="invalid_request")
         limit = self.server.max_body_bytes
-        if not 0 <= size <= limit:
+        if size > limit:
             self.close_connection = True  # the body is not read: the connection cannot go on
             raise RequestError(f"the body of {size} bytes is over the limit of {limit} bytes",
                                code="request_too_large")
