@@ -34,6 +34,9 @@ update pass on the batch (detached), made before any optimizer step on it. So wi
 --iterations 1 the ratio is exactly 1 and the objective is the policy gradient
 (REINFORCE with a group-mean baseline when --scale-rewards none --beta 0).
 
+RL runs without dropout (its rate is set to 0): the rollouts are sampled without it, and an
+update that scored them with it would compare two different policies.
+
 Groups whose G rewards are all equal have zero advantage: they teach nothing (and with
 beta 0 they skip the update's forward), but their tokens still count in the loss's
 normalization, as in TRL. A completion cut at max_new_tokens (no <|im_end|>) is trained on
@@ -42,8 +45,9 @@ as sampled, unless --mask-truncated leaves it out (DAPO's overlong filtering).
 The step's prompts and every sampling generator are seeded by (seed, step), and the
 checkpoint holds weights and optimizer moments, so --resume continues bit for bit. With
 --task, every --eval-every steps (and before the first) the greedy held-out accuracy
-(`tinyllm eval`'s pass@1 on --eval-n prompts) goes to the log and metrics.jsonl; best.ckpt
-holds the best one. The run folder loads wherever a run folder loads (generate, chat, eval,
+(`tinyllm eval --task NAME --n N`'s number: pass@1 on --eval-n held-out prompts, and with
+--eval-k K the pass@K of K samples each) goes to the log and metrics.jsonl; best.ckpt holds
+the best pass@1 (without a task, the latest weights). The run folder loads wherever a run folder loads (generate, chat, eval,
 sft, export).
 """
 
@@ -450,7 +454,7 @@ class RLConfig:
     format_reward: float = 0.0  # added when a completion ends with <|im_end|>
     # rollouts
     group_size: int = 8
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_k: int | None = None
@@ -467,10 +471,11 @@ class RLConfig:
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-    # optimization
-    steps: int = 60
-    lr: float = 3e-4
-    min_lr: float = 3e-4
+    # optimization. These defaults raised the laptop preset's held-out reverse accuracy after
+    # SFT from 0.46 to ~0.58 in 300 steps on 2 CPU cores; 3e-4 with 8 prompts a step lowered it.
+    steps: int = 300
+    lr: float = 2e-4
+    min_lr: float = 2e-4
     warmup: int = 0
     schedule: str = "constant"
     weight_decay: float = 0.0
@@ -481,7 +486,7 @@ class RLConfig:
     # bookkeeping
     seed: int = 1337
     log_every: int = 1
-    eval_every: int = 20
+    eval_every: int = 50
     eval_n: int = 200
     eval_k: int = 0  # > 0: also pass@k over k samples per held-out prompt
     out: str | None = None  # run folder; None: <base>-rl
@@ -560,6 +565,19 @@ RESUMABLE = {"steps", "log_every", "eval_every", "eval_n", "eval_k", "out", "pea
              "quiet", "device", "threads", "data_threads", "checkpoint_blocks"}
 
 
+def without_dropout(model):
+    """The model with every dropout rate set to 0 (its config too). Rollouts are sampled
+    without dropout, so the update must score them without it: with it, the ratio would
+    compare two different policies."""
+    model.config.dropout = 0.0
+    for m in model.modules():
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = 0.0
+        if type(m).__name__ == "Dropout":
+            m.p = 0.0
+    return model
+
+
 def default_out(cfg):
     """runs/laptop-sft -> runs/laptop-sft-rl."""
     base = Path(str(cfg.base).rstrip("/"))
@@ -635,7 +653,7 @@ class RLRun(Run):
 
             apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
                                          tuple(cfg.lora_targets)))
-        return model, tokenizer, fingerprint
+        return without_dropout(model), tokenizer, fingerprint
 
     def _reference_model(self, fingerprint, fresh):
         """A frozen copy of the starting model (for the KL term); on resume it is loaded
@@ -712,7 +730,7 @@ class RLRun(Run):
 
     def rewards_of(self, idx, ro):
         """The rewards of the rollouts of prompts `idx`, the format bonus added."""
-        G = self.cfg.group_size
+        G = ro.group_size
         texts = [self.tokenizer.decode([t for t in toks if t not in self.stops])
                  for toks in ro.tokens]
         prompts = [self.prompts[idx[i // G]][0] for i in range(len(texts))]
@@ -782,10 +800,11 @@ class RLRun(Run):
         x, y, mask = training_batch(ro.prompt_ids, ro, self.pad_id, cfg.mask_truncated)
         t0 = time.perf_counter()
         self.tokens_seen = 0
-        old, first, norm = None, None, 0.0
+        old, first, norm, clipped = None, None, 0.0, 0.0
         for it in range(cfg.iterations):
             stats, logps = self.update(x, y, mask, adv, old)
             first = first or stats
+            clipped += stats.get("clip_fraction", 0.0) / cfg.iterations
             old = logps if old is None else old
             try:
                 norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
@@ -798,10 +817,10 @@ class RLRun(Run):
                "zero_std_groups": float((groups.std(axis=1) == 0).mean()),
                "completion_len": ro.n_tokens / len(ro.tokens),
                "finished": float(ro.finished.mean()), "entropy": ro.entropy,
-               "loss": first.get("loss", 0.0), "clip_fraction": stats.get("clip_fraction", 0.0),
+               "loss": first.get("loss", 0.0), "clip_fraction": clipped,
                "lr": lr, "grad_norm": norm,
                "rollout_tokens_per_s": ro.n_tokens / max(ro.seconds, 1e-9),
-               "update_tokens_per_s": self.tokens_seen * cfg.iterations / max(t_update, 1e-9),
+               "update_tokens_per_s": self.tokens_seen / max(t_update, 1e-9),
                "rollout_s": ro.seconds, "update_s": t_update}
         if cfg.beta:
             out["kl"] = first.get("kl", 0.0)
@@ -816,8 +835,7 @@ class RLRun(Run):
         cfg = self.cfg
         if cfg.task is None:
             return None
-        res = evaluate_task(self.model, self.tokenizer, cfg.task, cfg.eval_n,
-                            max_new_tokens=cfg.max_new_tokens)
+        res = evaluate_task(self.model, self.tokenizer, cfg.task, cfg.eval_n)
         out = {"step": self.step, "eval_task": cfg.task, "eval_n": res["n"],
                "pass@1": res["accuracy"], "eval_s": res["seconds"]}
         if cfg.eval_k:
