@@ -88,6 +88,9 @@ class Job:
 
     def __init__(self, prompt_ids, max_tokens, temperature=1.0, top_p=1.0, seed=None,
                  stop=(), tokenizer=None, stop_tokens=()):
+        if len(prompt_ids) == 0 or max_tokens < 1:
+            raise ValueError(f"a job needs a prompt and max_tokens >= 1, got "
+                             f"{len(prompt_ids)} prompt ids and max_tokens={max_tokens}")
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = int(max_tokens)
         self.sampling = dict(temperature=float(temperature), top_p=float(top_p))
