@@ -185,10 +185,17 @@ def load_reference(path, fingerprint):
 
 # ---- the run ------------------------------------------------------------------------------------
 
+def _means(sums, prefix):
+    """{prefix + "rewards/...": mean over the pairs} of metric sums."""
+    n = sums.get("pairs", 0)
+    return {prefix + k: v / n for k, v in sums.items() if k.startswith("rewards/")} if n else {}
+
+
 class DPORun(Run):
     """A DPO run: Run's loop with the DPO step and evaluation."""
 
     command = "dpo"
+    perplexity = False  # the validation loss is the DPO loss, not a cross-entropy
 
     def default_out(self):
         return self.cfg.default_out()
@@ -219,7 +226,6 @@ class DPORun(Run):
         self._lengths()
         self._reference(start, resume_from)
         self.stats = {}  # training metrics summed since the last log line
-        self.recording = False  # inside fit(): metrics are logged and recorded
         n_tok = sum(len(c) + len(r) for (c, _), (r, _) in self.train_pairs)
         self.data_summary = (f"data: {source}, {len(self.train_pairs):,} train / "
                              f"{len(self.val_pairs):,} held-out pairs, "
@@ -396,22 +402,12 @@ class DPORun(Run):
         for name, v in sums.items():
             self.stats[name] = self.stats.get(name, 0.0) + v
         self.stats["pairs"] = self.stats.get("pairs", 0) + n
-        if self.recording and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-            self._report(self.stats, "")
-            self.stats = {}
         return loss, lr, norm
 
-    def _report(self, sums, prefix):
-        """One log line and one metrics.jsonl record of the mean reward metrics."""
-        n = sums["pairs"]
-        means = {prefix + k: v / n for k, v in sums.items() if k.startswith("rewards/")}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **means}) + "\n")
-        log(self.cfg, f"step {self.step:>5} | {'held-out' if prefix else 'train'} rewards: chosen "
-                      f"{means[prefix + 'rewards/chosen']:+.3f} rejected "
-                      f"{means[prefix + 'rewards/rejected']:+.3f} margin "
-                      f"{means[prefix + 'rewards/margins']:+.3f} accuracy "
-                      f"{100 * means[prefix + 'rewards/accuracies']:.0f}%")
+    def log_metrics(self):
+        """TRL's reward figures, means over the pairs since the last log line."""
+        sums, self.stats = self.stats, {}
+        return _means(sums, "")
 
     def evaluate_pairs(self):
         """Metric sums over the held-out pairs (no gradients), and their count."""
@@ -434,17 +430,8 @@ class DPORun(Run):
             sums = self.evaluate_pairs()
         finally:
             self.model.train()
-        if self.recording:
-            self._report(sums, "val_")
+        self.val_metrics = _means(sums, "val_")
         return sums["loss"] / sums["pairs"]
-
-    def fit(self):
-        """Run's loop; the reward metrics go to its log and metrics.jsonl meanwhile."""
-        self.recording = True
-        try:
-            return super().fit()
-        finally:
-            self.recording = False
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_meta(self):

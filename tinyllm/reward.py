@@ -447,6 +447,7 @@ class RewardRun(Run):
     """Training a reward model: Run's loop over batches of preference pairs."""
 
     command = "reward train"
+    perplexity = False  # the validation loss is the Bradley-Terry loss
 
     def default_out(self):
         return self.cfg.default_out()
@@ -479,7 +480,6 @@ class RewardRun(Run):
                               f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}")
         self.heldout = self.best_heldout = None
         self.train_correct = self.train_pairs = 0
-        self.metrics_path = None  # set while fit() runs: where _note records go
 
     def _pairs(self):
         """(train pairs, held-out pairs, a name for the source)."""
@@ -561,13 +561,13 @@ class RewardRun(Run):
             raise FloatingPointError(f"the loss is {loss} at step {self.step}")
         norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
         self.step += 1
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-            acc = self.train_correct / self.train_pairs
-            self._note(f"step {self.step:>5}/{cfg.steps} | pairwise accuracy {100 * acc:.1f}% "
-                       f"(train, since the last line)",
-                       {"step": self.step, "train_accuracy": acc})
-            self.train_correct = self.train_pairs = 0
         return loss, lr, norm
+
+    def log_metrics(self):
+        """Pairwise accuracy of the training pairs since the last log line."""
+        acc = self.train_correct / max(self.train_pairs, 1)
+        self.train_correct = self.train_pairs = 0
+        return {"train_accuracy": acc}
 
     def evaluate(self):
         """Mean Bradley-Terry loss of the held-out pairs (what best.ckpt minimizes); their
@@ -583,18 +583,9 @@ class RewardRun(Run):
         loss, acc = bradley_terry_loss(r_c, r_r)
         self.heldout = {"step": self.step, "pairs": len(r_c), "loss": loss.item(),
                         "accuracy": acc, "mean_margin": float((r_c - r_r).mean())}
-        self._note(f"step {self.step:>5} | held-out pairwise accuracy {100 * acc:.1f}% of "
-                   f"{len(r_c)} pairs | mean margin {self.heldout['mean_margin']:+.3f}",
-                   {"step": self.step, "val_accuracy": acc,
-                    "val_margin": self.heldout["mean_margin"], "val_pairs": len(r_c)})
+        self.val_metrics = {"val_accuracy": acc, "val_margin": self.heldout["mean_margin"],
+                            "val_pairs": len(r_c)}
         return loss.item()
-
-    def _note(self, line, record):
-        """A log line and, during fit(), a metrics record of the reward run's own measures."""
-        log(self.cfg, line)
-        if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     # ---- checkpoints -------------------------------------------------------------------------
     # Run keeps the weights as model/<name>; here the backbone's are model/<its own name>, as in
@@ -652,11 +643,7 @@ class RewardRun(Run):
             for name in (HEAD_FILE, INFO_FILE):
                 if (self.run_dir / name).exists():
                     (self.run_dir / name).unlink()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        try:
-            summary = super().fit()
-        finally:
-            self.metrics_path = None
+        summary = super().fit()
         if (self.run_dir / INFO_FILE).exists():
             write_info(self.run_dir / INFO_FILE, self.info())
         if self.best_heldout:

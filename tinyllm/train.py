@@ -486,6 +486,8 @@ class Run:
     """Everything a training run holds; `train(cfg)` builds one and calls `fit()`."""
 
     command = "train"  # the subcommand that resumes it
+    perplexity = True  # the validation loss is a cross-entropy: its exp is worth a column
+    val_metrics = {}  # more figures of the last evaluate(), for its log line and record
 
     def __init__(self, cfg, resume_from=None):
         self.cfg = cfg
@@ -584,6 +586,11 @@ class Run:
 
     def extra_meta(self):
         """More checkpoint metadata (a kind of run adds its own)."""
+        return {}
+
+    def log_metrics(self):
+        """More figures for the log line and its metrics record (means since the last line; a
+        kind of run adds its own, e.g. DPO's reward margins)."""
         return {}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -778,6 +785,9 @@ class Run:
                             mfu = self.model.flops_per_token(self.block_size) * tps / self.peak
                             line += f" | MFU {100 * mfu:.1f}%"
                             rec["mfu"] = mfu
+                        extra = self.log_metrics()
+                        rec.update(extra)
+                        line += "".join(f" | {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
                         log(cfg, line)
                         record(rec)
                         t_last, step_last = now, self.step
@@ -790,13 +800,19 @@ class Run:
                         best = val < self.best_val
                         if best:
                             self.best_val = val
-                        record({"step": self.step, "val_loss": val, "val_ppl": math.exp(val),
-                                "elapsed_s": time.perf_counter() - t_start})
+                        rec = {"step": self.step, "val_loss": val}
+                        if self.perplexity:
+                            rec["val_ppl"] = math.exp(val)
+                        rec.update(self.val_metrics)
+                        rec["elapsed_s"] = time.perf_counter() - t_start
+                        record(rec)
                         self.save("last.ckpt")
                         if best:
                             self.save("best.ckpt")
-                        log(cfg, f"step {self.step:>5} | val loss {val:.4f} | val ppl "
-                                 f"{math.exp(val):.2f}{' | best, saved' if best else ''} "
+                        extra = "".join(f" | {k.replace('_', ' ')} {v:.4g}" for k, v in rec.items()
+                                        if k not in ("step", "val_loss", "elapsed_s"))
+                        log(cfg, f"step {self.step:>5} | val loss {val:.4f}{extra}"
+                                 f"{' | best, saved' if best else ''} "
                                  f"({time.perf_counter() - t0:.1f}s)")
                         t_last += time.perf_counter() - t0  # keep eval time out of tok/s
             except FloatingPointError as e:  # the weights are not saved: the last save is good
