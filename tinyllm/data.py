@@ -402,3 +402,12 @@ def windows_at(tokens, starts, block_size):
     """(x, y) for windows beginning at `starts`."""
     w = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
     return w[:, :-1], w[:, 1:]
+
+
+def pad_right(seqs, fill, dtype=np.int64):
+    """An (N, T) array of N sequences, each at the start of its row and filled with `fill` to
+    the longest one's length T (the padding of fine-tuning batches: one example per row)."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), fill, dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out

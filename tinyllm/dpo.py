@@ -25,7 +25,6 @@ held-out DPO loss; best.ckpt is the lowest one.
 """
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -84,21 +83,11 @@ class DPOConfig(FinetuneConfig):
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def split_pairs(pairs, val_fraction):
-    """A user's pairs split by the hash of their content: the same pair always lands on the
-    same side, and at least one is held out."""
-    def bucket(p):
-        h = hashlib.sha256(json.dumps(preference.pair_record(p), sort_keys=True)
-                           .encode("utf-8")).digest()
-        return int.from_bytes(h[:8], "little") / 2 ** 64
+def split_pairs(pairs, val_fraction, source="data"):
+    """A user's pairs split by the hash of their content (finetune.split_by_hash)."""
+    from tinyllm.preference import pair_record
 
-    val = [p for p in pairs if bucket(p) < val_fraction]
-    train = [p for p in pairs if bucket(p) >= val_fraction]
-    if not val and len(train) > 1:
-        val, train = train[-1:], train[:-1]
-    if not train:
-        raise UsageError(f"need at least 2 preference pairs to hold some out, got {len(pairs)}")
-    return train, val
+    return finetune.split_by_hash(pairs, val_fraction, pair_record, "preference pairs", source)
 
 
 def encode_pairs(pairs, tokenizer, max_len):
@@ -209,7 +198,7 @@ class DPORun(Run):
             val = preference.builtin_pairs("heldout", cfg.n_val, cfg.seed)
             source = "built-in preference pairs"
         else:
-            train, val = split_pairs(preference.read_pairs(cfg.data), cfg.val_fraction)
+            train, val = split_pairs(preference.read_pairs(cfg.data), cfg.val_fraction, cfg.data)
             source = str(cfg.data)
         self.train_pairs, long_train = encode_pairs(train, self.tokenizer, self.block_size)
         self.val_pairs, long_val = encode_pairs(val, self.tokenizer, self.block_size)

@@ -10,6 +10,8 @@ changes to any that would change what a step computes.
 """
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -110,6 +112,29 @@ class FinetuneConfig:
         """runs/laptop -> runs/laptop-<suffix>."""
         base = Path(str(self.base).rstrip("/"))
         return str(base.parent / f"{base.name}-{self.suffix}")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def split_by_hash(items, val_fraction, record=lambda item: item, what="examples", source="data"):
+    """(train, held-out) of a user's examples, split by the SHA-256 of each one's JSON
+    `record`: an example always lands on the same side whatever the file's order, and at least
+    one is held out (and one trains)."""
+    if len(items) < 2:
+        raise UsageError(f"{source}: need at least 2 {what} to hold some out, got {len(items)}")
+
+    def bucket(item):
+        text = json.dumps(record(item), sort_keys=True)
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") / 2 ** 64
+
+    share = [bucket(item) for item in items]
+    val = [item for item, b in zip(items, share) if b < val_fraction]
+    train = [item for item, b in zip(items, share) if b >= val_fraction]
+    if not val:
+        val, train = train[-1:], train[:-1]
+    if not train:
+        val, train = val[-1:], val[:-1]
+    return train, val
 
 
 # ---- starting and resuming ----------------------------------------------------------------------

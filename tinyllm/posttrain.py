@@ -26,6 +26,7 @@ from autograd import backend, ops
 from autograd.ops import log_sigmoid
 from autograd.tensor import Tensor
 from tinyllm import chat
+from tinyllm.data import pad_right
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 IGNORE_INDEX = -100  # a target that counts for nothing (as in GPT.forward)
@@ -152,13 +153,8 @@ def encode_pair(pair, tokenizer):
 def pad_rows(rows, pad_id):
     """(ids, mask) arrays (N, T) of (ids, mask) rows padded at their ends to the longest; the
     padding is outside the mask."""
-    T = max(len(ids) for ids, _ in rows)
-    ids = np.full((len(rows), T), pad_id, np.int64)
-    mask = np.zeros((len(rows), T), bool)
-    for i, (x, m) in enumerate(rows):
-        ids[i, :len(x)] = x
-        mask[i, :len(m)] = m
-    return ids, mask
+    return (pad_right([x for x, _ in rows], pad_id),
+            pad_right([m for _, m in rows], False, bool))
 
 
 def pair_batch(encoded_pairs, pad_id):

@@ -56,6 +56,7 @@ from tinyllm import chat, finetune, safetensors
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import UsageError
+from tinyllm.data import pad_right
 from tinyllm.finetune import FinetuneConfig
 from autograd.ops import log_sigmoid
 from tinyllm.train import Run, apply_update, log, param_dtype, run_slices
@@ -115,11 +116,7 @@ def encode(prompt, response, tokenizer):
 def pad_rows(seqs, pad_id):
     """(ids (N, T), lengths (N,)): each sequence at the start of its row, padded at its end
     with `pad_id` to the longest."""
-    lengths = np.array([len(s) for s in seqs], np.int64)
-    ids = np.full((len(seqs), int(lengths.max())), pad_id, np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-    return ids, lengths
+    return pad_right(seqs, pad_id), np.array([len(s) for s in seqs], np.int64)
 
 
 def pad_id_of(tokenizer):
@@ -352,22 +349,11 @@ def pair_batch(examples, pad_id):
     return pad_rows([c for c, _ in examples] + [r for _, r in examples], pad_id)
 
 
-def split_pairs(pairs, val_fraction):
-    """A user's pairs split by the hash of their content: a pair always lands on the same
-    side, and at least one is held out."""
+def split_pairs(pairs, val_fraction, source="data"):
+    """A user's pairs split by the hash of their content (finetune.split_by_hash)."""
     from tinyllm.preference import pair_record
 
-    def bucket(p):
-        text = json.dumps(pair_record(p), sort_keys=True)
-        return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") / 2 ** 64
-
-    val = [p for p in pairs if bucket(p) < val_fraction]
-    train = [p for p in pairs if bucket(p) >= val_fraction]
-    if not val and len(train) > 1:
-        val, train = train[-1:], train[:-1]
-    if not train:
-        raise UsageError(f"need at least 2 preference pairs to hold some out, got {len(pairs)}")
-    return train, val
+    return finetune.split_by_hash(pairs, val_fraction, pair_record, "preference pairs", source)
 
 
 def pairs_key(examples):
@@ -490,7 +476,7 @@ class RewardRun(Run):
             return (preference.builtin_pairs("train", cfg.n_train, cfg.seed),
                     preference.builtin_pairs("heldout", cfg.n_val, cfg.seed),
                     "built-in preference pairs")
-        train, val = split_pairs(preference.read_pairs(cfg.data), cfg.val_fraction)
+        train, val = split_pairs(preference.read_pairs(cfg.data), cfg.val_fraction, cfg.data)
         return train, val, str(cfg.data)
 
     def _load_model(self, resume_from):

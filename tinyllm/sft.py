@@ -25,7 +25,6 @@ tasks' held-out prompts, or a fixed share of a user's file.
 """
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 from autograd import backend
 from tinyllm import chat, finetune
 from tinyllm.cli import UsageError
+from tinyllm.data import pad_right
 from tinyllm.finetune import FinetuneConfig
 from tinyllm.train import IGNORE_INDEX, Run, log, param_dtype
 
@@ -72,22 +72,8 @@ def builtin_conversations(cfg):
 
 
 def split_conversations(convs, val_fraction, source="data"):
-    """A user's conversations split by the hash of their content: the same conversation always
-    lands on the same side, and at least one is held out."""
-    def bucket(c):
-        h = hashlib.sha256(json.dumps(c, sort_keys=True).encode("utf-8")).digest()
-        return int.from_bytes(h[:8], "little") / 2 ** 64
-
-    if len(convs) < 2:
-        raise UsageError(f"{source}: need at least 2 conversations to hold some out, got "
-                         f"{len(convs)}")
-    val = [c for c in convs if bucket(c) < val_fraction]
-    train = [c for c in convs if bucket(c) >= val_fraction]
-    if not val:
-        val, train = train[-1:], train[:-1]
-    if not train:
-        val, train = val[-1:], val[:-1]
-    return train, val
+    """A user's conversations split by the hash of their content (finetune.split_by_hash)."""
+    return finetune.split_by_hash(convs, val_fraction, what="conversations", source=source)
 
 
 def encode_examples(convs, tokenizer, max_len):
@@ -105,13 +91,8 @@ def encode_examples(convs, tokenizer, max_len):
 
 def pad_batch(examples, pad_id):
     """Rows padded at their ends to the longest: x with `pad_id`, y with IGNORE_INDEX."""
-    T = max(len(x) for x, _ in examples)
-    X = np.full((len(examples), T), pad_id, np.int64)
-    Y = np.full((len(examples), T), IGNORE_INDEX, np.int64)
-    for i, (x, y) in enumerate(examples):
-        X[i, :len(x)] = x
-        Y[i, :len(y)] = y
-    return X, Y
+    return (pad_right([x for x, _ in examples], pad_id),
+            pad_right([y for _, y in examples], IGNORE_INDEX))
 
 
 def examples_key(examples):
