@@ -418,3 +418,22 @@ def test_a_bad_prompt_line_and_a_bad_start_exit_2_before_any_work(tiny, user_fil
                      str(out)]) == 2
     assert "--from" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_reward_model_scores_the_rollouts(tiny, user_files, tmp_path):
+    from tinyllm.reward import RewardModel
+
+    backbone, tok = load_for_generation(tiny)
+    autograd.manual_seed(3)
+    RewardModel(backbone, tok).save(tmp_path / "rm")
+    run = RLRun(rl_config(tiny, tmp_path / "run", user_files, reward=None,
+                          reward_model=str(tmp_path / "rm"), format_reward=0.5))
+    idx = run.step_prompts(0)
+    ro = rollout(run.model, [run.prompt_ids[i] for i in idx], 4, 4, 1.0, stops=run.stops,
+                 end_id=run.end_id, seed=[0])
+    texts = [tok.decode([t for t in toks if t not in run.stops]) for toks in ro.tokens]
+    prompts = [run.prompts[idx[i // 4]][0] for i in range(len(texts))]
+    expected = np.array(RewardModel.load(tmp_path / "rm").score(prompts, texts))
+    np.testing.assert_allclose(run.rewards_of(idx, ro), expected + 0.5 * ro.ended_turn,
+                               rtol=1e-6)
+    assert run.fit()["step"] == 4

@@ -47,8 +47,20 @@ checkpoint holds weights and optimizer moments, so --resume continues bit for bi
 --task, every --eval-every steps (and before the first) the greedy held-out accuracy
 (`tinyllm eval --task NAME --n N`'s number: pass@1 on --eval-n held-out prompts, and with
 --eval-k K the pass@K of K samples each) goes to the log and metrics.jsonl; best.ckpt holds
-the best pass@1 (without a task, the latest weights). The run folder loads wherever a run folder loads (generate, chat, eval,
-sft, export).
+the best pass@1 (without a task, the latest weights). The run folder loads wherever a run
+folder loads (generate, chat, eval, sft, export).
+
+Rewards: `--task NAME` scores exact answers (1 or 0); `--reward FILE.py:FUNCTION` calls
+FUNCTION(prompt, completion, **fields) with the completion's plain text (no template tokens),
+the prompt as the file gave it (a string, or the list of messages of a conversation line), and
+the line's other keys as keyword arguments (TRL's habit); `--reward-model DIR` scores with
+`tinyllm.reward.RewardModel` (RLHF). A reward function that raises or returns anything but a
+finite number stops the run with one line naming it, the prompt and what it gave.
+
+One log line (and one metrics.jsonl record) per step: mean reward, its std, the share of
+groups with zero reward variance ("flat"), mean completion length, entropy of the sampling
+distribution, the share of tokens whose ratio was clipped, the KL to the start (beta > 0),
+and tokens/s of the rollouts and of the updates.
 """
 
 import dataclasses
