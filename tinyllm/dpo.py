@@ -38,8 +38,8 @@ from tinyllm import chat, finetune, posttrain, preference
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError
 from tinyllm.cli import UsageError, check_choice, check_float, nonnegative_float, positive_float
-from tinyllm.finetune import FinetuneConfig
-from tinyllm.train import Run, apply_update, log, param_dtype, run_slices, shard_count
+from tinyllm.finetune import FinetuneConfig, FinetuneRun
+from tinyllm.train import apply_update, log, param_dtype, run_slices, shard_count
 
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -180,14 +180,13 @@ def _means(sums, prefix):
     return {prefix + k: v / n for k, v in sums.items() if k.startswith("rewards/")} if n else {}
 
 
-class DPORun(Run):
+class DPORun(FinetuneRun):
     """A DPO run: Run's loop with the DPO step and evaluation."""
 
     command = "dpo"
+    verb = "DPO from"
     perplexity = False  # the validation loss is the DPO loss, not a cross-entropy
-
-    def default_out(self):
-        return self.cfg.default_out()
+    expects_chat_model = True
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -229,32 +228,12 @@ class DPORun(Run):
     def _load_model(self, resume_from):
         """(model, tokenizer, starting fingerprint): the starting model's fingerprint, or
         None when resuming (the model then has no trained weights yet; they come later)."""
-        from tinyllm.generate import load_for_generation
-        from tinyllm.model import GPT, ModelConfig
-        from tinyllm.tokenizer import Tokenizer
-
         cfg = self.cfg
-        dtype = param_dtype(cfg.dtype)
         fingerprint = None
-        if resume_from is not None:
-            meta = resume_from["meta"]
-            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
-                                                   dtype=dtype)))
-            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
-        else:
-            model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
-                                                   device=cfg.device, dtype=dtype)
-            if not chat.has_chat_tokens(tokenizer):
-                log(cfg, f"note: {cfg.base} has no chat tokens (not a fine-tuned chat model); "
-                         f"they are added now, untrained: DPO usually starts from tinyllm sft")
-            model, tokenizer = chat.prepare_for_chat(model, tokenizer)
+        model, tokenizer = self.starting_model(resume_from)
+        if resume_from is None:
             fingerprint = model_fingerprint(model, cfg.dtype)
-        if cfg.lora_rank:
-            from tinyllm.lora import LoRAConfig, apply_lora
-
-            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
-                                         tuple(cfg.lora_targets)))
-        return model, tokenizer, fingerprint
+        return self.apply_lora(model), tokenizer, fingerprint
 
     def _lengths(self):
         """Reply token counts: IPO compares length-averaged log-probabilities (as TRL does)."""
@@ -311,14 +290,6 @@ class DPORun(Run):
                                   f"and {self.run_dir / REFERENCE_FILE} (its log-probabilities) "
                                   f"is missing or stale")
         return model
-
-    def describe_model(self):
-        c = self.model.config
-        lora = ""
-        if self.cfg.lora_rank:
-            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
-            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
-        return f"DPO from {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
 
     # ---- batches and the loss ------------------------------------------------------------------
     def micro_batch(self, k):
@@ -424,10 +395,7 @@ class DPORun(Run):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_meta(self):
-        meta = {"kind": "dpo", "reference_model": self.reference_model}
-        if getattr(self.model, "lora", None) is not None:
-            meta["lora"] = self.model.lora.to_dict()
-        return meta
+        return {**super().extra_meta(), "reference_model": self.reference_model}
 
     def save(self, name):
         path = super().save(name)

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from tinyllm import chat
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import (UsageError, check_float, check_int, nonnegative_float, nonnegative_int,
                          positive_float, positive_int, probability)
-from tinyllm.train import _int_or_auto, check_run_folder, read_config_file, validate_common
+from tinyllm.train import (Run, _int_or_auto, check_run_folder, log, param_dtype,
+                           read_config_file, validate_common)
 
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "peak_flops", "quiet",
@@ -252,3 +254,64 @@ def add_arguments(p, d, unit, data_help):
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+class FinetuneRun(Run):
+    """Run's loop for a run that starts from a trained model: the model comes from --from (with
+    the chat tokens added when missing) or, on --resume, is shaped as the checkpoint says (its
+    weights are loaded later by Run); LoRA wraps it when asked."""
+
+    verb = "fine-tuning"  # how describe_model names the job
+    expects_chat_model = False  # True: say so when --from has no chat tokens (not an SFT model)
+
+    def default_out(self):
+        return self.cfg.default_out()
+
+    def starting_model(self, resume_from):
+        """(model, tokenizer) before LoRA: the checkpoint's shapes and tokenizer when resuming,
+        else the --from model with the chat tokens."""
+        from tinyllm.generate import load_for_generation
+        from tinyllm.model import GPT, ModelConfig
+        from tinyllm.tokenizer import Tokenizer
+
+        cfg = self.cfg
+        dtype = param_dtype(cfg.dtype)
+        if resume_from is not None:
+            meta = resume_from["meta"]
+            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
+                                                   dtype=dtype)))
+            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
+            return model, tokenizer
+        model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
+                                               device=cfg.device, dtype=dtype)
+        if self.expects_chat_model and not chat.has_chat_tokens(tokenizer):
+            log(cfg, f"note: {cfg.base} has no chat tokens (not a fine-tuned chat model); they "
+                     f"are added now, untrained: {cfg.command} usually starts from tinyllm sft")
+        return chat.prepare_for_chat(model, tokenizer)
+
+    def apply_lora(self, model):
+        """Wrap `model`'s projections with the configured adapters (when lora_rank > 0)."""
+        cfg = self.cfg
+        if cfg.lora_rank:
+            from tinyllm.lora import LoRAConfig, apply_lora
+
+            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
+                                         tuple(cfg.lora_targets)))
+        return model
+
+    def describe_model(self):
+        c = self.model.config
+        lora = ""
+        if self.cfg.lora_rank:
+            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
+            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
+        return f"{self.verb} {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
+
+    def extra_meta(self):
+        meta = {"kind": self.cfg.command}
+        lora = getattr(self.model, "lora", None)
+        if lora is not None:
+            meta["lora"] = lora.to_dict()
+        return meta

@@ -57,9 +57,9 @@ from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, load_checkpoint
 from tinyllm.cli import UsageError
 from tinyllm.data import pad_right
-from tinyllm.finetune import FinetuneConfig
+from tinyllm.finetune import FinetuneConfig, FinetuneRun
 from autograd.ops import log_sigmoid
-from tinyllm.train import Run, apply_update, log, param_dtype, run_slices
+from tinyllm.train import apply_update, log, run_slices
 
 HEAD_FILE = "score_head.safetensors"
 HEAD_FORMAT = "tinyllm-reward-head-1"  # the metadata marker of a head file
@@ -429,14 +429,12 @@ class RewardConfig(FinetuneConfig):
     batch_size: int = 16  # preference pairs per micro-batch (twice as many rows)
 
 
-class RewardRun(Run):
+class RewardRun(FinetuneRun):
     """Training a reward model: Run's loop over batches of preference pairs."""
 
     command = "reward train"
+    verb = "reward model on"
     perplexity = False  # the validation loss is the Bradley-Terry loss
-
-    def default_out(self):
-        return self.cfg.default_out()
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -480,39 +478,11 @@ class RewardRun(Run):
         return train, val, str(cfg.data)
 
     def _load_model(self, resume_from):
-        from tinyllm.generate import load_for_generation
-        from tinyllm.model import GPT, ModelConfig
-        from tinyllm.tokenizer import Tokenizer
-
-        cfg = self.cfg
-        dtype = param_dtype(cfg.dtype)
-        if resume_from is not None:  # shapes and tokenizer as saved; the weights come later
-            meta = resume_from["meta"]
-            backbone = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
-                                                      dtype=dtype)))
-            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
-        else:
-            backbone, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
-                                                      device=cfg.device, dtype=dtype)
-            backbone, tokenizer = chat.prepare_for_chat(backbone, tokenizer)
+        backbone, tokenizer = self.starting_model(resume_from)
         model = RewardModel(backbone, tokenizer)
-        if cfg.lora_rank:  # adapters on the backbone; the head trains whole
-            from tinyllm.lora import LoRAConfig, apply_lora
-
-            apply_lora(backbone, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
-                                            tuple(cfg.lora_targets)))
+        self.apply_lora(backbone)  # adapters on the backbone; the head trains whole
         return model, tokenizer
 
-    def describe_model(self):
-        c = self.model.config
-        lora = ""
-        if self.cfg.lora_rank:
-            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
-            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
-        return (f"reward model on {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}, "
-                f"scalar head{lora})")
-
-    # ---- batches -----------------------------------------------------------------------------
     def micro_batch(self, k):
         """B pairs drawn by a generator seeded with (seed, k), a pure function of k, as
         (ids (2B, T), lengths (2B,)): the chosen rows, then the rejected rows."""

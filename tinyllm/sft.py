@@ -36,8 +36,8 @@ from autograd import backend
 from tinyllm import chat, finetune
 from tinyllm.cli import UsageError
 from tinyllm.data import pad_right
-from tinyllm.finetune import FinetuneConfig
-from tinyllm.train import IGNORE_INDEX, Run, log, param_dtype
+from tinyllm.finetune import FinetuneConfig, FinetuneRun
+from tinyllm.train import IGNORE_INDEX, log
 
 
 @dataclass
@@ -108,13 +108,10 @@ BUCKET = 16  # conversations of a batch differ in length by less than this many 
 
 # ---- the run ------------------------------------------------------------------------------------
 
-class SFTRun(Run):
+class SFTRun(FinetuneRun):
     """A fine-tuning run: Run's loop over padded conversation batches."""
 
     command = "sft"
-
-    def default_out(self):
-        return self.cfg.default_out()
 
     def setup(self, resume_from):
         cfg = self.cfg
@@ -152,27 +149,10 @@ class SFTRun(Run):
                               f" (padded to the longest)")
 
     def _load_model(self, resume_from):
-        from tinyllm.generate import load_for_generation
-        from tinyllm.model import GPT, ModelConfig
-        from tinyllm.tokenizer import Tokenizer
-
-        cfg = self.cfg
-        dtype = param_dtype(cfg.dtype)
-        if resume_from is not None:  # the grown model and tokenizer as saved; weights later
-            meta = resume_from["meta"]
-            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
-                                                   dtype=dtype)))
-            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
-        else:
-            model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
-                                                   device=cfg.device, dtype=dtype)
-            model, tokenizer = chat.prepare_for_chat(model, tokenizer)
+        model, tokenizer = self.starting_model(resume_from)
         self.token_rows = None
-        if cfg.lora_rank:
-            from tinyllm.lora import LoRAConfig, apply_lora
-
-            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
-                                         tuple(cfg.lora_targets)))
+        if self.cfg.lora_rank:
+            self.apply_lora(model)
             self._train_chat_rows(model, tokenizer)
         return model, tokenizer
 
@@ -206,14 +186,6 @@ class SFTRun(Run):
                 "tables": [backend.to_device(layer.weight.data[self.token_rows], "cpu")
                            .astype(np.float64).tolist() for layer in self.row_tables]}
 
-    def describe_model(self):
-        c = self.model.config
-        lora = ""
-        if self.cfg.lora_rank:
-            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
-            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
-        return f"fine-tuning {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
-
     def micro_batch(self, k):
         """B conversations of one length bucket, drawn by a generator seeded with (seed, k):
         a pure function of k. The bucket is drawn with probability proportional to its size,
@@ -237,12 +209,6 @@ class SFTRun(Run):
         B = self.cfg.batch_size
         for i in range(0, len(self.val_examples), B):
             yield pad_batch(self.val_examples[i:i + B], self.pad_id)
-
-    def extra_meta(self):
-        meta = {"kind": "sft"}
-        if getattr(self.model, "lora", None) is not None:
-            meta["lora"] = self.model.lora.to_dict()
-        return meta
 
     def save(self, name):
         path = super().save(name)
