@@ -362,7 +362,7 @@ def test_read_conversations_refuses_empty_and_non_utf8_files(tmp_path):
         read_conversations(tmp_path / "blank.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes(
         (GOOD[0] + "\n").encode() + '{"prompt": "café", "completion": "x"}\n'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.jsonl: not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
         read_conversations(tmp_path / "latin1.jsonl")
     with pytest.raises(OSError, match=r"missing\.jsonl: cannot read"):
         read_conversations(tmp_path / "missing.jsonl")

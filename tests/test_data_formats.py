@@ -41,7 +41,7 @@ def test_each_jsonl_line_is_a_document_in_the_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("line,message", [
-    (b'{"text": "unterminated\n', 'd.jsonl:2: not a JSON object (Unterminated string'),
+    (b'{"text": "unterminated\n', 'd.jsonl:2: invalid JSON (Unterminated string'),
     (b'["text", "in a list"]\n', 'd.jsonl:2: expected a JSON object with a "text" string, '
                                  'got an array'),
     (b'"just a string"\n', 'd.jsonl:2: expected a JSON object with a "text" string, got a '

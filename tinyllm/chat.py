@@ -224,30 +224,9 @@ def read_conversations(path):
     """Every conversation of a JSON-lines file (blank lines skipped), each line in any of the
     FORMATS. The whole file is checked first: a bad line raises ValueError with the file, the
     line number and what is wrong."""
-    import json
-    from pathlib import Path
+    from tinyllm.data import json_lines
 
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    out = []
-    # split on "\n" only: JSON strings may hold U+2028 and friends, which splitlines() cuts at
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        out.append(conversation_from_record(obj, where))
+    out = [conversation_from_record(obj, where) for _, where, obj in json_lines(path)]
     if not out:
         raise ValueError(f"{path}: no conversations (the file is empty)")
     return out

@@ -48,12 +48,15 @@ def builtin_documents():
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 
 
-def read_jsonl(path, name):
-    """(name:line, text) for every line of a JSON-lines file: each line a JSON object with a
-    "text" string (other fields are ignored; blank lines are skipped). A bad line raises
-    ValueError naming the file, the line number and what is wrong."""
-    docs = []
-    with open(path, "rb") as f:
+def json_lines(path):
+    """(lineno, "file:LINE", value) for every non-blank line of a JSON-lines file. Lines end at
+    "\n" only (JSON strings may hold U+2028 and friends); a line that is not UTF-8 or not JSON
+    raises ValueError naming the file and the line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
@@ -64,21 +67,30 @@ def read_jsonl(path, name):
             if not line.strip():
                 continue
             try:
-                doc = json.loads(line.rstrip("\r\n"))
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 at = "" if e.msg.endswith(" at") else " at"  # "...starting at", "Expecting value"
-                raise ValueError(f"{where}: not a JSON object ({e.msg}{at} column {e.colno})") \
+                raise ValueError(f"{where}: invalid JSON ({e.msg}{at} column {e.colno})") \
                     from None
-            if not isinstance(doc, dict):
-                raise ValueError(f"{where}: expected a JSON object with a \"text\" string, got "
-                                 f"{_json_type(doc)}")
-            if "text" not in doc:
-                keys = ", ".join(map(repr, list(doc)[:8])) or "none"
-                raise ValueError(f"{where}: the object has no \"text\" field (its keys: {keys})")
-            if not isinstance(doc["text"], str):
-                raise ValueError(f"{where}: \"text\" must be a string, got "
-                                 f"{_json_type(doc['text'])}")
-            docs.append((f"{name}:{lineno}", doc["text"]))
+            yield lineno, where, value
+
+
+def read_jsonl(path, name):
+    """(name:line, text) for every line of a JSON-lines file: each line a JSON object with a
+    "text" string (other fields are ignored; blank lines are skipped). A bad line raises
+    ValueError naming the file, the line number and what is wrong."""
+    docs = []
+    for lineno, where, doc in json_lines(path):
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: expected a JSON object with a \"text\" string, got "
+                             f"{_json_type(doc)}")
+        if "text" not in doc:
+            keys = ", ".join(map(repr, list(doc)[:8])) or "none"
+            raise ValueError(f"{where}: the object has no \"text\" field (its keys: {keys})")
+        if not isinstance(doc["text"], str):
+            raise ValueError(f"{where}: \"text\" must be a string, got "
+                             f"{_json_type(doc['text'])}")
+        docs.append((f"{name}:{lineno}", doc["text"]))
     return docs
 
 

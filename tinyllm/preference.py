@@ -17,7 +17,6 @@ answer or the right answer wrapped in extra words (the format is part of what is
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -106,25 +105,9 @@ def pair_from_record(obj, where="record"):
 def read_pairs(path):
     """Every PreferencePair of a JSON-lines file (blank lines skipped). The whole file is
     checked before anything is returned: a bad line raises ValueError `file:LINE: what`."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    pairs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        pairs.append(pair_from_record(obj, where))
+    from tinyllm.data import json_lines
+
+    pairs = [pair_from_record(obj, where) for _, where, obj in json_lines(path)]
     if not pairs:
         raise ValueError(f"{path}: no preference pairs (the file is empty); expected lines {FORMAT}")
     return pairs
