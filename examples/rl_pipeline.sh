@@ -22,7 +22,7 @@ tinyllm() { "$PYTHON" -m tinyllm "$@"; }
 echo "--- held-out accuracy after SFT"
 tinyllm eval "$OUT/laptop-sft" --task "$TASK"
 
-# 300 steps of 16 prompts x 8 completions; the log shows the reward, the share of groups that
+# 400 steps of 16 prompts x 8 completions; the log shows the reward, the share of groups that
 # teach nothing (all completions equally right), and held-out pass@1 every 50 steps
 tinyllm rl --from "$OUT/laptop-sft" --task "$TASK" --out "$OUT/laptop-sft-rl" --overwrite
 

@@ -300,14 +300,14 @@ def records(run_dir):
 
 
 def test_a_short_run_raises_the_reward(tiny, user_files, tmp_path):
-    run = RLRun(rl_config(tiny, tmp_path / "run", user_files, steps=30, eval_every=30,
+    run = RLRun(rl_config(tiny, tmp_path / "run", user_files, steps=16, eval_every=16,
                           prompts_per_step=4, group_size=8, lr=1e-2))
     summary = run.fit()
-    assert not summary["diverged"] and summary["step"] == 30
+    assert not summary["diverged"] and summary["step"] == 16
     steps = [r for r in records(tmp_path / "run") if "reward" in r]
     rewards = [r["reward"] for r in steps]
     print("rewards", np.round(rewards, 2))
-    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.25
     for key in ("reward_std", "zero_std_groups", "completion_len", "entropy", "clip_fraction",
                 "rollout_tokens_per_s", "update_tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in steps), key
