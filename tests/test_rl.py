@@ -157,7 +157,7 @@ def test_k3_kl_is_zero_for_identical_policies_and_positive_otherwise():
         grpo_loss(t, logp, np.zeros(1), np.ones((1, 3), bool), beta=0.5)
 
 
-# ---- masks ------------------------------------------------------------------------------------------
+# ---- masks ---------------------------------------------------------------------------------------
 
 def test_training_batch_masks_prompt_and_padding_and_handles_truncation():
     END, PAD = 9, 0
@@ -178,7 +178,7 @@ def test_training_batch_masks_prompt_and_padding_and_handles_truncation():
     assert mask2.sum(axis=1).tolist() == [2, 0, 1, 0]  # the cut completions are left out
 
 
-# ---- a tiny chat model ----------------------------------------------------------------------------
+# ---- a tiny chat model ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -262,7 +262,7 @@ def test_read_prompts_formats_fields_and_bad_lines(tmp_path):
             read_prompts(f)
 
 
-# ---- runs ----------------------------------------------------------------------------------------------
+# ---- runs ----------------------------------------------------------------------------------------
 
 REWARDS = '''
 def letters(prompt, completion, **fields):
@@ -370,7 +370,7 @@ def test_a_failing_reward_function_exits_2_naming_it(tiny, user_files, tmp_path,
         assert complaint in err and "prompt '" in err, err
 
 
-# ---- the command line ----------------------------------------------------------------------------------
+# ---- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, complaint", [
     ([], "exactly one of --task"),

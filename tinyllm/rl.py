@@ -190,7 +190,8 @@ def grpo_loss(logps, old_logps, advantages, mask, epsilon=0.2, epsilon_high=None
              "clip_low": float(low.sum() / n), "clip_high": float(high.sum() / n),
              "clip_fraction": float((low | high).sum() / n)}
     if kl is not None:
-        stats["kl"] = float(np.asarray(backend.to_device(kl.data, "cpu"), np.float64)[mask].sum() / n)
+        kl_tokens = np.asarray(backend.to_device(kl.data, "cpu"), np.float64)[mask]
+        stats["kl"] = float(kl_tokens.sum() / n)
     return loss, stats
 
 
@@ -338,7 +339,8 @@ def load_reward_function(spec):
         raise UsageError(f"--reward: expected FILE.py:FUNCTION, got {spec!r}")
     if not Path(path).is_file():
         raise UsageError(f"--reward {spec}: no such file {path}")
-    module_name = "tinyllm_reward_" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
+    module_name = f"tinyllm_reward_{digest[:12]}"
     try:
         mod_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(mod_spec)
@@ -451,7 +453,7 @@ def read_prompts(path):
     return out
 
 
-# ---- settings --------------------------------------------------------------------------------------
+# ---- settings ------------------------------------------------------------------------------------
 
 @dataclass
 class RLConfig:
@@ -538,8 +540,9 @@ class RLConfig:
                              "start from")
         sources = [n for n in ("task", "reward", "reward_model") if getattr(self, n)]
         if len(sources) != 1:
+            given = ", ".join("--" + s.replace("_", "-") for s in sources) or "none"
             raise UsageError("give exactly one of --task NAME, --reward FILE.py:FUNCTION or "
-                             f"--reward-model DIR (got {', '.join('--' + s.replace('_', '-') for s in sources) or 'none'})")
+                             f"--reward-model DIR (got {given})")
         if self.task is not None and self.task not in tasks.verifiable_tasks():
             raise UsageError(f"--task: must be one of {', '.join(tasks.verifiable_tasks())}, got "
                              f"{self.task!r}")
@@ -796,7 +799,8 @@ class RLRun(Run):
                  "loss": sum(s["loss"] for s, _, _ in results)}
         for name in results[0][0]:
             if name not in stats:  # token-weighted means
-                stats[name] = sum(s[name] * s["tokens"] for s, _, _ in results) / max(stats["tokens"], 1)
+                weighted = sum(s[name] * s["tokens"] for s, _, _ in results)
+                stats[name] = weighted / max(stats["tokens"], 1)
         self.tokens_seen += int(x[rows].size)
         return stats, logps
 
@@ -826,7 +830,8 @@ class RLRun(Run):
         t_update = time.perf_counter() - t0
         self.step += 1
         groups = rewards.reshape(-1, cfg.group_size)
-        out = {"step": self.step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        out = {"step": self.step, "reward": float(rewards.mean()),
+               "reward_std": float(rewards.std()),
                "zero_std_groups": float((groups.std(axis=1) == 0).mean()),
                "completion_len": ro.n_tokens / len(ro.tokens),
                "finished": float(ro.finished.mean()), "entropy": ro.entropy,
@@ -873,7 +878,7 @@ class RLRun(Run):
         return {f"pass@{k}": float(np.mean([pass_at_k(k, int(ci), k) for ci in c])),
                 "sampled_accuracy": float(right.mean())}
 
-    # ---- checkpoints -------------------------------------------------------------------------------
+    # ---- checkpoints -----------------------------------------------------------------------------
     def extra_meta(self):
         meta = {"kind": "rl", "reference_model": self.reference_model,
                 "best_eval": None if math.isinf(self.best_eval) else self.best_eval}
@@ -895,7 +900,7 @@ class RLRun(Run):
                           {"base": str(self.cfg.base), "step": self.step})
         return path
 
-    # ---- the loop -----------------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     def _line(self, s):
         cfg = self.cfg
         line = (f"step {s['step']:>4}/{cfg.steps} | reward {s['reward']:.3f} (std "
@@ -1008,7 +1013,7 @@ class RLRun(Run):
                 "interrupted": stop["flag"], "diverged": diverged}
 
 
-# ---- command line ---------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 
 def _checkpoint_path(resume):
     path = Path(resume)
@@ -1135,7 +1140,8 @@ def register(subparsers):
                    help="leave completions cut at --max-new-tokens out of the loss")
     p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
                    "weights (0: every weight, the default)")
-    p.add_argument("--lora-alpha", type=positive_float, help="adapter scale alpha / rank (2 x rank)")
+    p.add_argument("--lora-alpha", type=positive_float,
+                   help="adapter scale alpha / rank (2 x rank)")
     p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
                    help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
     p.add_argument("--steps", type=positive_int, help=f"RL steps ({d.steps})")
@@ -1146,10 +1152,12 @@ def register(subparsers):
     p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
     p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
     p.add_argument("--seed", type=int, help=f"seed of prompts and sampling ({d.seed})")
-    p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
+    p.add_argument("--log-every", type=positive_int,
+                   help=f"steps between log lines ({d.log_every})")
     p.add_argument("--eval-every", type=positive_int,
                    help=f"steps between held-out evaluations and checkpoints ({d.eval_every})")
-    p.add_argument("--eval-n", type=positive_int, help=f"held-out prompts per evaluation ({d.eval_n})")
+    p.add_argument("--eval-n", type=positive_int,
+                   help=f"held-out prompts per evaluation ({d.eval_n})")
     p.add_argument("--eval-k", type=nonnegative_int,
                    help="also pass@k over k samples per held-out prompt (0: off)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
