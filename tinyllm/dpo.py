@@ -397,15 +397,6 @@ class DPORun(FinetuneRun):
     def extra_meta(self):
         return {**super().extra_meta(), "reference_model": self.reference_model}
 
-    def save(self, name):
-        path = super().save(name)
-        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
-            from tinyllm.lora import save_adapters
-
-            save_adapters(self.run_dir / "adapter.safetensors", self.model,
-                          {"base": str(self.cfg.base), "step": self.step})
-        return path
-
 
 # ---- command line -------------------------------------------------------------------------------
 

@@ -309,6 +309,19 @@ class FinetuneRun(Run):
             lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
         return f"{self.verb} {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
 
+    def adapter_meta(self):
+        """What an adapter file records beside the adapters (a kind of run adds its own)."""
+        return {"base": str(self.cfg.base), "step": self.step}
+
+    def save(self, name):
+        """Run's checkpoint; with LoRA, best.ckpt's adapters also go to adapter.safetensors."""
+        path = super().save(name)
+        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
+            from tinyllm.lora import save_adapters
+
+            save_adapters(self.run_dir / "adapter.safetensors", self.model, self.adapter_meta())
+        return path
+
     def extra_meta(self):
         meta = {"kind": self.cfg.command}
         lora = getattr(self.model, "lora", None)

@@ -210,15 +210,8 @@ class SFTRun(FinetuneRun):
         for i in range(0, len(self.val_examples), B):
             yield pad_batch(self.val_examples[i:i + B], self.pad_id)
 
-    def save(self, name):
-        path = super().save(name)
-        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
-            from tinyllm.lora import save_adapters
-
-            save_adapters(self.run_dir / "adapter.safetensors", self.model,
-                          {"base": str(self.cfg.base), "step": self.step,
-                           "chat_rows": self.chat_rows()})
-        return path
+    def adapter_meta(self):
+        return {**super().adapter_meta(), "chat_rows": self.chat_rows()}
 
 
 # ---- command line -------------------------------------------------------------------------------
