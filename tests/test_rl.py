@@ -11,7 +11,7 @@ import pytest
 
 import autograd
 from autograd import Tensor, ops
-from tinyllm import chat
+from tinyllm import chat, tasks
 from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main as cli_main
 from tinyllm.generate import load_for_generation, save_for_generation
@@ -373,9 +373,13 @@ def test_a_failing_reward_function_exits_2_naming_it(tiny, user_files, tmp_path,
 # ---- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, complaint", [
-    ([], "exactly one of --task"),
-    (["--task", "add", "--reward-model", "."], "exactly one of"),
+    ([], "exactly one source of prompts"),
+    (["--task", "add", "--prompts", "PROMPTS", "--reward", "REWARDS:letters"], "not both"),
+    (["--task", "add", "--reward", "REWARDS:letters", "--reward-model", "."], "at most one"),
+    (["--prompts", "PROMPTS"], "needs --reward"),
     (["--task", "qa"], "--task"),
+    (["--task", "add,nope"], "--task"),
+    (["--task", "add,add"], "named twice"),
     (["--task", "add", "--group-size", "1"], "group_size"),
     (["--task", "add", "--temperature", "0"], "--temperature"),
     (["--task", "add", "--scale-rewards", "batch"], "--scale-rewards"),
@@ -420,6 +424,42 @@ def test_a_bad_prompt_line_and_a_bad_start_exit_2_before_any_work(tiny, user_fil
     assert not out.exists()
 
 
+def test_task_prompts_mix_tasks_and_evaluate_each_with_any_reward(tiny, user_files, tmp_path):
+    # two tasks' prompts, rewarded by a user function: each prompt carries its task and answer,
+    # held-out prompts come from the tasks' held-out split, and the evaluation reports pass@1
+    # per task beside the mean reward of the greedy answers, which picks best.ckpt
+    run = RLRun(rl_config(tiny, tmp_path / "run", user_files, prompts=None, task="add,compare",
+                          n_prompts=40, eval_n=10))
+    assert {f["task"] for _, f in run.prompts} == {"add", "compare"}
+    assert {f["task"] for _, f in run.heldout} == {"add", "compare"} and len(run.heldout) == 10
+    assert not {p for p, _ in run.prompts} & {p for p, _ in run.heldout}
+    res = run.evaluate()
+    assert set(res) >= {"pass@1", "pass@1_add", "pass@1_compare", "heldout_reward"}
+    assert run.eval_key == "heldout_reward"
+    from tinyllm.evaluate import answer
+
+    replies = answer(run.model, run.tokenizer, [p for p, _ in run.heldout])
+    letters = np.mean([sum(c.islower() for c in r) / max(len(r), 1) for r in replies])
+    assert res["heldout_reward"] == pytest.approx(letters)
+    right = [tasks.get_task(f["task"]).check(r, f["answer"]) for r, (_, f) in
+             zip(replies, run.heldout)]
+    assert res["pass@1"] == pytest.approx(np.mean(right))
+    # with the tasks' own reward, each prompt is checked against its own task
+    reward = task_reward(["add", "compare"])
+    assert reward("What is 2 + 3?", "5", answer="5", task="add") == 1.0
+    assert reward("Which is larger, 3 or 5?", "3", answer="5", task="compare") == 0.0
+    with pytest.raises(ValueError, match="no 'task' field"):
+        reward("What is 2 + 3?", "5", answer="5")
+
+
+def test_a_prompts_file_holds_some_out_by_content(tiny, user_files, tmp_path):
+    run = RLRun(rl_config(tiny, tmp_path / "run", user_files, heldout_fraction=0.3))
+    train, held = [p for p, _ in run.prompts], [p for p, _ in run.heldout]
+    assert held and train and sorted(train + held) == ["ab", "cd", "pq", "xy"]
+    again = RLRun(rl_config(tiny, tmp_path / "again", user_files, heldout_fraction=0.3))
+    assert [p for p, _ in again.heldout] == held
+
+
 def test_a_reward_model_scores_the_rollouts(tiny, user_files, tmp_path):
     from tinyllm.reward import RewardModel
 
@@ -437,3 +477,5 @@ def test_a_reward_model_scores_the_rollouts(tiny, user_files, tmp_path):
     np.testing.assert_allclose(run.rewards_of(idx, ro), expected + 0.5 * ro.ended_turn,
                                rtol=1e-6)
     assert run.fit()["step"] == 4
+    evals = [r for r in records(tmp_path / "run") if "heldout_reward" in r]
+    assert [r["step"] for r in evals] == [0, 4]

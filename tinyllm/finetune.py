@@ -173,7 +173,7 @@ def config_from_args(args, cls):
     cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if saved is not None:
         changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
-                   if k not in RESUMABLE and saved.get(k) != v}
+                   if k not in getattr(cls, "resumable", RESUMABLE) and saved.get(k) != v}
         if changed:
             raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
                 f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
@@ -210,10 +210,26 @@ def start(args, cfg, run_cls):
 def add_arguments(p, d, unit, data_help):
     """The flags every fine-tuning command has, with `d`'s defaults in their help. `unit`:
     what a batch holds ("conversations", "pairs"); `data_help`: what --data accepts."""
+    add_start_arguments(p, d)
+    p.add_argument("--data", metavar="FILE.jsonl|builtin", help=f"{data_help} (default {d.data})")
+    p.add_argument("--n-train", type=positive_int, help=f"built-in training {unit} ({d.n_train})")
+    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out {unit} ({d.n_val})")
+    p.add_argument("--val-fraction", type=probability,
+                   help=f"share of a --data file held out ({d.val_fraction})")
+    add_lora_arguments(p, d)
+    p.add_argument("--batch-size", type=positive_int, help=f"{unit} per micro-batch ({d.batch_size})")
+    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
+    add_loop_arguments(p, d)
+    p.add_argument("--eval-iters", type=positive_int,
+                   help=f"held-out batches per evaluation, at most ({d.eval_iters})")
+    add_device_arguments(p)
+
+
+def add_start_arguments(p, d):
+    """Where a run starts from and where it goes: --from, --config, --resume, --out..."""
     p.add_argument("--from", dest="base", metavar="RUN_DIR_OR_HF_FOLDER",
                    help="the model to start from: a tinyllm run folder or .ckpt, or a Hugging "
                         "Face GPT-2/Llama folder (the chat tokens are added when missing)")
-    p.add_argument("--data", metavar="FILE.jsonl|builtin", help=f"{data_help} (default {d.data})")
     p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder exactly")
@@ -221,31 +237,34 @@ def add_arguments(p, d, unit, data_help):
                    help="replace a run already in the output folder (refused otherwise)")
     p.add_argument("-o", "--out", metavar="DIR",
                    help=f"run folder (default: next to --from, with -{d.suffix})")
-    p.add_argument("--n-train", type=positive_int, help=f"built-in training {unit} ({d.n_train})")
-    p.add_argument("--n-val", type=positive_int, help=f"built-in held-out {unit} ({d.n_val})")
-    p.add_argument("--val-fraction", type=probability,
-                   help=f"share of a --data file held out ({d.val_fraction})")
+
+
+def add_lora_arguments(p, d):
     p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
                    "weights (default 0: every weight trains)")
     p.add_argument("--lora-alpha", type=positive_float,
                    help="adapter scale numerator: the update is (alpha / rank) B A (default 2 x rank)")
     p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
                    help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
+
+
+def add_loop_arguments(p, d):
+    """The optimizer, its schedule, the seed and the loop's bookkeeping."""
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps ({d.steps})")
-    p.add_argument("--batch-size", type=positive_int, help=f"{unit} per micro-batch ({d.batch_size})")
-    p.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step ({d.grad_accum})")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
     p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
     p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
     p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
     p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int, help=f"seed of the data order and new weights ({d.seed})")
+    p.add_argument("--seed", type=int, help=f"seed of the data order, sampling and new weights "
+                                            f"({d.seed})")
     p.add_argument("--log-every", type=positive_int, help=f"steps between log lines ({d.log_every})")
     p.add_argument("--eval-every", type=positive_int,
                    help=f"steps between evaluations and checkpoints ({d.eval_every})")
-    p.add_argument("--eval-iters", type=positive_int,
-                   help=f"held-out batches per evaluation, at most ({d.eval_iters})")
+
+
+def add_device_arguments(p):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
     p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")

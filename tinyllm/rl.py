@@ -1,8 +1,9 @@
 """Reinforcement learning with verifiable rewards: GRPO (and REINFORCE) on a chat model.
 
     tinyllm rl --from runs/laptop-sft --task add                 # a built-in task's exact answers
+    tinyllm rl --from runs/laptop-sft --task all                 # every verifiable task, mixed
     tinyllm rl --from runs/laptop-sft --reward my.py:score --prompts prompts.jsonl
-    tinyllm rl --from runs/laptop-sft --reward-model runs/rm --prompts prompts.jsonl   # RLHF
+    tinyllm rl --from runs/laptop-sft --reward-model runs/rm --task all   # RLHF on task prompts
     tinyllm rl --resume runs/laptop-sft-rl                       # continue exactly where it stopped
 
 One step:
@@ -43,17 +44,21 @@ normalization, as in TRL. A completion cut at max_new_tokens (no <|im_end|>) is 
 as sampled, unless --mask-truncated leaves it out (DAPO's overlong filtering).
 
 The step's prompts and every sampling generator are seeded by (seed, step), and the
-checkpoint holds weights and optimizer moments, so --resume continues bit for bit. With
---task, every --eval-every steps (and before the first) the greedy held-out accuracy
-(`tinyllm eval --task NAME --n N`'s number: pass@1 on --eval-n held-out prompts, and with
---eval-k K the pass@K of K samples each) goes to the log and metrics.jsonl; best.ckpt holds
-the best pass@1 (without a task, the latest weights). The run folder loads wherever a run
-folder loads (generate, chat, eval, sft, export).
+checkpoint holds weights and optimizer moments, so --resume continues bit for bit. Every
+--eval-every steps (and before the first) the model answers the held-out prompts greedily (the
+tasks' held-out split, or --heldout-fraction of a --prompts file chosen by content hash, at
+most --eval-n): with tasks, their pass@1 (each task's too when there are several; with
+--eval-k K, pass@K over K samples each); with a reward function or model, the mean reward of
+those answers. best.ckpt holds the best of that figure (pass@1 under the tasks' own reward,
+else the mean reward). The run folder loads wherever a run folder loads (generate, chat, eval,
+sft, export).
 
-Rewards: `--task NAME` scores exact answers (1 or 0); `--reward FILE.py:FUNCTION` calls
+Prompts come from built-in tasks (`--task NAME[,NAME...]` or `all`: their training split, each
+prompt with its `answer` and `task`) or a JSON-lines file (`--prompts`). Rewards: the tasks'
+exact answers (1 or 0) unless `--reward FILE.py:FUNCTION`, which calls
 FUNCTION(prompt, completion, **fields) with the completion's plain text (no template tokens),
-the prompt as the file gave it (a string, or the list of messages of a conversation line), and
-the line's other keys as keyword arguments (TRL's habit); `--reward-model DIR` scores with
+the prompt as given (a string, or the list of messages of a conversation line), and the line's
+other keys as keyword arguments (TRL's habit), or `--reward-model DIR`, which scores with
 `tinyllm.reward.RewardModel` (RLHF). A reward function that raises or returns anything but a
 finite number stops the run with one line naming it, the prompt and what it gave.
 
@@ -73,20 +78,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 import autograd
 from autograd import backend, ops
-from tinyllm import chat, tasks
+from tinyllm import chat, finetune, tasks
 from tinyllm.atomic import atomic_write
-from tinyllm.checkpoint import CheckpointError, load_checkpoint
+from tinyllm.checkpoint import CheckpointError
+from tinyllm.finetune import FinetuneConfig, FinetuneRun, split_by_hash
 from tinyllm.cli import (UsageError, check_choice, check_float, check_int, nonnegative_float,
                          nonnegative_int, positive_float, positive_int)
 from tinyllm.generate import _groups, decode_steps
-from tinyllm.train import (IGNORE_INDEX, RUN_FILES, Run, _int_or_auto, _truncate_metrics,
-                           apply_update, check_run_folder, fmt_time, log, param_dtype,
-                           read_config_file, run_slices, validate_common)
+from tinyllm.train import (IGNORE_INDEX, RUN_FILES, _truncate_metrics, apply_update, fmt_time,
+                           log, param_dtype, run_slices, validate_common)
 
 __all__ = ["group_advantages", "k3_kl", "grpo_loss", "token_logps", "Rollouts", "rollout",
            "training_batch", "task_reward", "load_reward_function", "checked_rewards",
@@ -317,18 +323,20 @@ class RewardError(ValueError):
     """A reward function failed or returned something that is not a number."""
 
 
-def task_reward(task):
-    """reward_fn(prompt, completion, answer, **_) -> 1.0 when the completion is the task's
-    exact answer (`Task.check`), else 0.0."""
-    task = tasks.get_task(task) if isinstance(task, str) else task
+def task_reward(names):
+    """reward_fn(prompt, completion, answer, task=None, **_) -> 1.0 when the completion is the
+    exact answer (`Task.check`) of the prompt's task (its `task` field, or the only one of
+    `names`: a task name or a list of them), else 0.0."""
+    names = [names] if isinstance(names, str) else list(names)
 
-    def reward(prompt, completion, answer=None, **_):
+    def reward(prompt, completion, answer=None, task=None, **_):
         if answer is None:
-            raise ValueError(f"task {task.name}: the prompt has no 'answer' field to check "
-                             f"against")
-        return float(bool(task.check(completion, answer)))
+            raise ValueError("the prompt has no 'answer' field to check against")
+        if task is None and len(names) != 1:
+            raise ValueError(f"the prompt has no 'task' field to say which of {names} it is")
+        return float(bool(tasks.get_task(task or names[0]).check(completion, answer)))
 
-    reward.__name__ = f"task {task.name}"
+    reward.__name__ = f"task {','.join(names)}"
     return reward
 
 
@@ -457,14 +465,19 @@ def read_prompts(path):
 
 @dataclass
 class RLConfig:
+    command: ClassVar[str] = "rl"  # the subcommand, and the checkpoint's "kind"
+    suffix: ClassVar[str] = "rl"  # default output: the --from folder's name + "-rl"
+
     base: str | None = None  # the model to start from, usually an SFT run folder (--from)
     tokenizer: str | None = None
-    # what is rewarded: exactly one of task, reward, reward_model
-    task: str | None = None  # a built-in verifiable task
+    # the prompts: exactly one of task, prompts
+    task: str | None = None  # built-in verifiable task(s): "reverse", "add,sort" or "all"
+    prompts: str | None = None  # JSON-lines prompts
+    n_prompts: int = 5000  # built-in tasks: training prompts to draw from
+    heldout_fraction: float = 0.05  # a --prompts file: share held out for evaluation (by hash)
+    # the reward: a reward function or a reward model; neither: the tasks' exact answers
     reward: str | None = None  # FILE.py:FUNCTION
-    reward_model: str | None = None  # a reward model folder
-    prompts: str | None = None  # JSON-lines prompts; None: the task's training prompts
-    n_prompts: int = 5000  # built-in task: distinct training prompts to draw from
+    reward_model: str | None = None  # a reward model folder (RLHF)
     format_reward: float = 0.0  # added when a completion ends with <|im_end|>
     # rollouts
     group_size: int = 8
@@ -524,31 +537,45 @@ class RLConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d, source="config"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"{source}: unknown RL settings {unknown}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
+    from_dict = classmethod(FinetuneConfig.from_dict.__func__)
+    default_out = FinetuneConfig.default_out
+
+    @property
+    def task_names(self):
+        """The built-in tasks whose prompts train ("all": every verifiable task)."""
+        if self.task is None:
+            return []
+        return tasks.verifiable_tasks() if self.task == "all" else self.task.split(",")
+
+    @property
+    def task_reward(self):
+        """True when the reward is the tasks' exact answers (no function, no model)."""
+        return self.reward is None and self.reward_model is None
 
     def validate(self):
         validate_common(self)
         if not self.base:
             raise UsageError("--from: give the run folder (usually a fine-tuned chat model) to "
                              "start from")
-        sources = [n for n in ("task", "reward", "reward_model") if getattr(self, n)]
-        if len(sources) != 1:
-            given = ", ".join("--" + s.replace("_", "-") for s in sources) or "none"
-            raise UsageError("give exactly one of --task NAME, --reward FILE.py:FUNCTION or "
-                             f"--reward-model DIR (got {given})")
-        if self.task is not None and self.task not in tasks.verifiable_tasks():
-            raise UsageError(f"--task: must be one of {', '.join(tasks.verifiable_tasks())}, got "
+        if (self.task is None) == (self.prompts is None):
+            raise UsageError("give exactly one source of prompts: --task NAME[,NAME...] (a "
+                             "built-in task's) or --prompts FILE.jsonl"
+                             + (", not both" if self.task is not None else ""))
+        if self.reward is not None and self.reward_model is not None:
+            raise UsageError("give at most one of --reward FILE.py:FUNCTION and --reward-model "
+                             "DIR")
+        if self.task_reward and self.task is None:
+            raise UsageError("--prompts: needs --reward FILE.py:FUNCTION or --reward-model DIR "
+                             "(only built-in tasks have answers to check)")
+        if not isinstance(self.task, (str, type(None))) or self.task == "" or any(
+                t not in tasks.verifiable_tasks() for t in self.task_names):
+            raise UsageError(f"--task: must be 'all' or one or more of "
+                             f"{', '.join(tasks.verifiable_tasks())} separated by commas, got "
                              f"{self.task!r}")
-        if self.task is None and self.prompts is None:
-            raise UsageError(f"--prompts: needed with --{sources[0].replace('_', '-')} (a "
-                             f"JSON-lines file with a 'prompt' per line)")
+        if len(set(self.task_names)) != len(self.task_names):
+            raise UsageError(f"--task: a task is named twice in {self.task!r}")
+        check_float("heldout_fraction", self.heldout_fraction, low=0, high=1, low_open=True,
+                    high_open=True)
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise UsageError(f"--prompts {self.prompts}: no such file")
         if self.reward_model is not None and not Path(self.reward_model).is_dir():
@@ -575,10 +602,10 @@ class RLConfig:
             raise UsageError(f"mask_truncated: must be true or false, got {self.mask_truncated!r}")
         return self
 
-
-# Settings that may change when resuming (they do not change what a step computes).
-RESUMABLE = {"steps", "log_every", "eval_every", "eval_n", "eval_k", "out", "peak_flops",
-             "quiet", "device", "threads", "data_threads", "checkpoint_blocks"}
+    # settings that may change when resuming (they do not change what a step computes)
+    resumable: ClassVar[set] = {"steps", "log_every", "eval_every", "eval_n", "eval_k", "out",
+                                "peak_flops", "quiet", "device", "threads", "data_threads",
+                                "checkpoint_blocks"}
 
 
 def without_dropout(model):
@@ -594,12 +621,6 @@ def without_dropout(model):
     return model
 
 
-def default_out(cfg):
-    """runs/laptop-sft -> runs/laptop-sft-rl."""
-    base = Path(str(cfg.base).rstrip("/"))
-    return str(base.parent / f"{base.name}-rl")
-
-
 def pass_at_k(n, c, k):
     """The unbiased pass@k of n samples with c correct: 1 - C(n - c, k) / C(n, k)."""
     if n - c < k:
@@ -609,18 +630,21 @@ def pass_at_k(n, c, k):
 
 # ---- the run -------------------------------------------------------------------------------------
 
-class RLRun(Run):
-    """An RL run: Run's model, optimizer, checkpoints and exact resume, with rollouts,
-    rewards and the GRPO update as the step, and held-out accuracy as the evaluation."""
+class RLRun(FinetuneRun):
+    """An RL run: Run's model, optimizer, checkpoints and exact resume (FinetuneRun's start
+    from --from, LoRA and adapter files), with rollouts, rewards and the GRPO update as the
+    step, and the held-out prompts' greedy answers as the evaluation."""
 
-    command = "rl"
-
-    def default_out(self):
-        return default_out(self.cfg)
+    verb = "RL from"
+    expects_chat_model = True
 
     def setup(self, resume_from):
+        from tinyllm.dpo import model_fingerprint
+
         cfg = self.cfg
-        self.model, self.tokenizer, start = self._load_model(resume_from)
+        model, self.tokenizer = self.starting_model(resume_from)
+        start = None if resume_from else model_fingerprint(model, cfg.dtype)
+        self.model = without_dropout(self.apply_lora(model))
         tok = self.tokenizer
         self.end_id = chat.end_of_turn(tok)
         self.stops = set(tok.special_tokens.values())
@@ -633,43 +657,13 @@ class RLRun(Run):
         if cfg.beta:
             self.reference = self._reference_model(self.reference_model, resume_from is None)
         self.best_eval = -math.inf
-        self.data_summary = (f"data: {self.source}, {len(self.prompts):,} prompts; reward: "
-                             f"{self.reward_name}")
+        self.data_summary = (f"data: {self.source}, {len(self.prompts):,} prompts "
+                             f"({len(self.heldout)} held out); reward: {self.reward_name}")
         self.batch_summary = (f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions "
                               f"(up to {cfg.max_new_tokens} tokens, temperature "
                               f"{cfg.temperature}); {cfg.loss_type} loss, epsilon {cfg.epsilon}"
                               f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''}, "
                               f"{cfg.iterations} iteration(s), beta {cfg.beta}")
-
-    def _load_model(self, resume_from):
-        """(model, tokenizer, fingerprint of the starting model; None when resuming)."""
-        from tinyllm.dpo import model_fingerprint
-        from tinyllm.generate import load_for_generation
-        from tinyllm.model import GPT, ModelConfig
-        from tinyllm.tokenizer import Tokenizer
-
-        cfg = self.cfg
-        dtype = param_dtype(cfg.dtype)
-        fingerprint = None
-        if resume_from is not None:
-            meta = resume_from["meta"]
-            model = GPT(ModelConfig.from_dict(dict(meta["model_config"], device=cfg.device,
-                                                   dtype=dtype)))
-            tokenizer = Tokenizer.from_json(meta["tokenizer"], source=str(resume_from["path"]))
-        else:
-            model, tokenizer = load_for_generation(cfg.base, tokenizer=cfg.tokenizer,
-                                                   device=cfg.device, dtype=dtype)
-            if not chat.has_chat_tokens(tokenizer):
-                log(cfg, f"note: {cfg.base} has no chat tokens (not a fine-tuned chat model); "
-                         f"they are added now, untrained: RL usually starts from tinyllm sft")
-            model, tokenizer = chat.prepare_for_chat(model, tokenizer)
-            fingerprint = model_fingerprint(model, cfg.dtype)
-        if cfg.lora_rank:
-            from tinyllm.lora import LoRAConfig, apply_lora
-
-            apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
-                                         tuple(cfg.lora_targets)))
-        return without_dropout(model), tokenizer, fingerprint
 
     def _reference_model(self, fingerprint, fresh):
         """A frozen copy of the starting model (for the KL term); on resume it is loaded
@@ -690,17 +684,26 @@ class RLRun(Run):
         return ref
 
     def _prompts(self):
-        """self.prompts: (prompt, fields) pairs, their chat-template ids, data_meta."""
+        """self.prompts and self.heldout: (prompt, fields) pairs to train on and to evaluate
+        on; the training prompts' chat-template ids; data_meta. Built-in tasks give their
+        training and held-out splits (fields: answer, task); a file's lines are split by
+        content hash."""
         from tinyllm.evaluate import prompt_ids
 
         cfg = self.cfg
         if cfg.prompts is not None:
-            self.prompts = read_prompts(cfg.prompts)
+            self.prompts, self.heldout = split_by_hash(
+                read_prompts(cfg.prompts), cfg.heldout_fraction, what="prompts",
+                source=f"--prompts {cfg.prompts}")
+            self.heldout = self.heldout[:cfg.eval_n]
             self.source = str(cfg.prompts)
         else:
-            pairs = tasks.examples(cfg.task, "train", cfg.n_prompts, cfg.seed, allow_fewer=True)
-            self.prompts = [(p, {"answer": a}) for p, a in pairs]
-            self.source = f"task {cfg.task} (training prompts)"
+            mix = {name: 1.0 for name in cfg.task_names}
+            self.prompts = [(p, {"answer": a, "task": t}) for t, p, a in
+                            tasks.mixed_examples("train", cfg.n_prompts, cfg.seed, mix)]
+            self.heldout = [(p, {"answer": a, "task": t}) for t, p, a in
+                            tasks.mixed_examples("heldout", cfg.eval_n, mix=mix)]
+            self.source = f"task{'s' if len(mix) > 1 else ''} {', '.join(mix)}"
         self.prompt_ids = prompt_ids(self.model, self.tokenizer, [p for p, _ in self.prompts],
                                      "prompt")
         ctx = self.model.config.context_length
@@ -721,20 +724,12 @@ class RLRun(Run):
         if cfg.reward_model is not None:
             self.score = reward_model_scorer(cfg.reward_model, cfg.device)
             self.reward_name = f"reward model {cfg.reward_model}"
-            return
-        fn = task_reward(cfg.task) if cfg.task else load_reward_function(cfg.reward)
-        self.score = lambda p, c, f: checked_rewards(fn, p, c, f)
-        self.reward_name = f"task {cfg.task} exact match" if cfg.task else cfg.reward
+        else:
+            fn = load_reward_function(cfg.reward) if cfg.reward else task_reward(cfg.task_names)
+            self.score = lambda p, c, f: checked_rewards(fn, p, c, f)
+            self.reward_name = cfg.reward or "exact answers"
         if cfg.format_reward:
             self.reward_name += f" + {cfg.format_reward} for ending the turn"
-
-    def describe_model(self):
-        c = self.model.config
-        lora = ""
-        if self.cfg.lora_rank:
-            n = sum(p.size for p in self.model.parameters() if p.requires_grad)
-            lora = f", LoRA rank {self.cfg.lora_rank}: {n / 1e3:.1f}k trained parameters"
-        return f"RL from {self.cfg.base} ({c.n_layers} layers, d_model {c.d_model}{lora})"
 
     # ---- one step ------------------------------------------------------------------------------
     def step_prompts(self, step):
@@ -846,59 +841,66 @@ class RLRun(Run):
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self):
-        """Held-out pass@1 (greedy exact match, as `tinyllm eval`) on the task, and pass@k over
-        eval_k samples when asked; None without a task."""
-        from tinyllm.evaluate import evaluate_task
+        """Greedy answers to the held-out prompts (up to max_new_tokens, as the rollouts; `tinyllm
+        eval` allows 48, which only matters for answers longer than that): with built-in
+        tasks their pass@1 (exact answers; per task too when there are several) and, with
+        --eval-k K, pass@K over K samples; with a reward function or model the mean reward
+        of the answers (without the format bonus)."""
+        from tinyllm.evaluate import answer
 
         cfg = self.cfg
-        if cfg.task is None:
-            return None
-        res = evaluate_task(self.model, self.tokenizer, cfg.task, cfg.eval_n)
-        out = {"step": self.step, "eval_task": cfg.task, "eval_n": res["n"],
-               "pass@1": res["accuracy"], "eval_s": res["seconds"]}
-        if cfg.eval_k:
+        t0 = time.perf_counter()
+        prompts = [p for p, _ in self.heldout]
+        fields = [f for _, f in self.heldout]
+        replies = answer(self.model, self.tokenizer, prompts, cfg.max_new_tokens)
+        out = {"step": self.step, "eval_n": len(replies)}
+        if cfg.task is not None:
+            right = np.array([tasks.get_task(f["task"]).check(r, f["answer"])
+                              for r, f in zip(replies, fields)], np.float64)
+            out["pass@1"] = float(right.mean())
+            names = [f["task"] for f in fields]
+            if len(cfg.task_names) > 1:
+                for name in cfg.task_names:
+                    out[f"pass@1_{name}"] = float(right[[n == name for n in names]].mean())
+        if not cfg.task_reward:
+            out["heldout_reward"] = float(np.mean(self.score(prompts, replies, fields)))
+        if cfg.eval_k and cfg.task is not None:
             out.update(self._pass_at_k(cfg.eval_k))
+        out["eval_s"] = time.perf_counter() - t0
         return out
+
+    @property
+    def eval_key(self):
+        """The held-out figure that picks best.ckpt: pass@1 when the reward is the tasks'
+        answers, else the mean held-out reward."""
+        return "pass@1" if self.cfg.task_reward else "heldout_reward"
 
     def _pass_at_k(self, k):
         """pass@k and the mean sampled accuracy over k samples per held-out prompt."""
         from tinyllm.evaluate import prompt_ids
 
         cfg = self.cfg
-        pairs = tasks.examples(cfg.task, "heldout", cfg.eval_n)
-        ids = prompt_ids(self.model, self.tokenizer, [p for p, _ in pairs])
+        ids = prompt_ids(self.model, self.tokenizer, [p for p, _ in self.heldout])
         ro = rollout(self.model, ids, max(k, 2), cfg.max_new_tokens, cfg.temperature,
                      cfg.top_k, cfg.top_p, self.stops, self.end_id, seed=[cfg.seed, 2 ** 31])
-        task = tasks.get_task(cfg.task)
         texts = [self.tokenizer.decode([t for t in toks if t not in self.stops])
                  for toks in ro.tokens]
-        right = np.array([task.check(t, pairs[i // ro.group_size][1])
-                          for i, t in enumerate(texts)]).reshape(len(pairs), -1)[:, :k]
+        fields = [self.heldout[i // ro.group_size][1] for i in range(len(texts))]
+        right = np.array([tasks.get_task(f["task"]).check(t, f["answer"])
+                          for t, f in zip(texts, fields)]).reshape(len(self.heldout), -1)[:, :k]
         c = right.sum(axis=1)
         return {f"pass@{k}": float(np.mean([pass_at_k(k, int(ci), k) for ci in c])),
                 "sampled_accuracy": float(right.mean())}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def extra_meta(self):
-        meta = {"kind": "rl", "reference_model": self.reference_model,
+        return {**super().extra_meta(), "reference_model": self.reference_model,
                 "best_eval": None if math.isinf(self.best_eval) else self.best_eval}
-        if getattr(self.model, "lora", None) is not None:
-            meta["lora"] = self.model.lora.to_dict()
-        return meta
 
     def _restore(self, ckpt):
         super()._restore(ckpt)
         best = ckpt["meta"].get("best_eval")
         self.best_eval = -math.inf if best is None else best
-
-    def save(self, name):
-        path = super().save(name)
-        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
-            from tinyllm.lora import save_adapters
-
-            save_adapters(self.run_dir / "adapter.safetensors", self.model,
-                          {"base": str(self.cfg.base), "step": self.step})
-        return path
 
     # ---- the loop --------------------------------------------------------------------------------
     def _line(self, s):
@@ -915,19 +917,17 @@ class RLRun(Run):
 
     def _evaluate_and_save(self, record, t_start):
         result = self.evaluate()
-        if result is not None:
-            result["elapsed_s"] = time.perf_counter() - t_start
-            record(result)
-            extra = "".join(f" | {k} {result[k]:.3f}" for k in result
-                            if k.startswith("pass@") and k != "pass@1")
-            best = result["pass@1"] > self.best_eval
-            if best:
-                self.best_eval = result["pass@1"]
-            log(self.cfg, f"step {self.step:>4} | held-out pass@1 {result['pass@1']:.3f} on "
-                          f"{result['eval_n']} {self.cfg.task} prompts{extra}"
-                          f"{' | best' if best else ''} ({result['eval_s']:.1f}s)")
-        else:
-            best = True  # no measurement: the latest weights are the ones to use
+        result["elapsed_s"] = time.perf_counter() - t_start
+        record(result)
+        value = result[self.eval_key]
+        best = self.step > 0 and value > self.best_eval  # the start is --from's model itself
+        if best:
+            self.best_eval = value
+        names = {"heldout_reward": "mean reward"}
+        figures = " | ".join(f"{names.get(k, k.replace('_', ' '))} {v:.3f}" for k, v in
+                             result.items() if k.startswith(("pass@", "heldout_", "sampled_")))
+        log(self.cfg, f"step {self.step:>4} | held-out ({result['eval_n']} prompts): {figures}"
+                      f"{' | best' if best else ''} ({result['eval_s']:.1f}s)")
         if self.step:
             self.save("last.ckpt")
             if best:
@@ -1006,7 +1006,7 @@ class RLRun(Run):
                      f"tinyllm rl --resume {self.run_dir}")
         else:
             best = "" if math.isinf(self.best_eval) else \
-                f"; best held-out pass@1 {self.best_eval:.3f}"
+                f"; best held-out {self.eval_key.replace('heldout_', 'mean ')} {self.best_eval:.3f}"
             log(cfg, f"done: {self.step} steps in {fmt_time(elapsed)} ({elapsed:.1f}s){best}; "
                      f"checkpoints in {self.run_dir}")
         return {"step": self.step, "best_eval": self.best_eval, "elapsed_s": elapsed,
@@ -1015,70 +1015,13 @@ class RLRun(Run):
 
 # ---- command line --------------------------------------------------------------------------------
 
-def _checkpoint_path(resume):
-    path = Path(resume)
-    return path / "last.ckpt" if path.is_dir() else path
-
-
-def config_from_args(args):
-    """Defaults < --config file < flags; on --resume the checkpoint's settings first."""
-    settings, saved, path = {}, None, None
-    if args.resume:
-        path = _checkpoint_path(args.resume)
-        if not path.exists():
-            raise UsageError(f"--resume {args.resume}: no checkpoint there ({path})")
-        meta, _ = load_checkpoint(path)
-        if meta.get("kind") != "rl":
-            raise UsageError(f"--resume {args.resume}: not an RL run (resume it with "
-                             f"tinyllm {meta.get('kind') or 'train'} --resume)")
-        saved = meta["train_config"]
-        settings.update(saved)
-        settings["out"] = str(path.parent)
-    file_settings = read_config_file(args.config) if args.config else {}
-    settings.update(file_settings)
-    names = {f.name for f in dataclasses.fields(RLConfig)}
-    cli = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.base is not None:
-        cli["base"] = args.base
-    if saved is not None:
-        changed = {k: (saved.get(k), v) for k, v in {**file_settings, **cli}.items()
-                   if k not in RESUMABLE and saved.get(k) != v}
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume with other settings: " + "; ".join(
-                f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
-    settings.update(cli)
-    return RLConfig.from_dict(settings, args.config or "command line").validate()
-
-
 def cmd_rl(args):
-    cfg = config_from_args(args)
-    out = Path(cfg.out or default_out(cfg))
-    if not args.resume:
-        if not Path(cfg.base).exists():
-            raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
-        base = Path(cfg.base).resolve()
-        if out.resolve() == base or out.resolve() in base.parents:
-            raise UsageError(f"--out {out}: that folder holds the starting model ({cfg.base}); "
-                             f"choose another")
-    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+    cfg = finetune.config_from_args(args, RLConfig)
     if cfg.prompts is not None:
         read_prompts(cfg.prompts)  # every line checked before any work
     if cfg.reward is not None:
         load_reward_function(cfg.reward)
-    ckpt = None
-    if args.resume:
-        path = _checkpoint_path(args.resume)
-        meta, arrays = load_checkpoint(path)
-        ckpt = {"path": path, "meta": meta, "arrays": arrays}
-    cfg.out = str(out)
-    run = RLRun(cfg, resume_from=ckpt)
-    run.overwrite = args.overwrite
-    summary = run.fit()
-    if summary["diverged"]:
-        return 1
-    if summary["interrupted"]:
-        return 130
-    return 0
+    return finetune.start(args, cfg, RLRun)[1]
 
 
 def register(subparsers):
@@ -1090,29 +1033,30 @@ def register(subparsers):
         description="Improve a chat model by reinforcement learning: sample G completions of "
                     "each prompt, reward them, and raise the likelihood of the better ones "
                     "(GRPO's group-normalized advantages and clipped ratio; REINFORCE with "
-                    "--scale-rewards none). Settings: RLConfig defaults < --config file < flags.")
-    p.add_argument("--from", dest="base", metavar="RUN_DIR",
-                   help="the model to start from: a run folder, usually from tinyllm sft")
-    p.add_argument("--task", help=f"reward exact answers of a built-in task: "
-                                  f"{', '.join(tasks.verifiable_tasks())}")
+                    "--scale-rewards none). Prompts come from built-in tasks (--task) or a "
+                    "file (--prompts); the reward is the tasks' exact answers, your function "
+                    "(--reward) or a reward model (--reward-model: RLHF). Settings: RLConfig "
+                    "defaults < --config file < flags.")
+    finetune.add_start_arguments(p, d)
+    p.add_argument("--task", metavar="NAME[,NAME...]|all",
+                   help=f"prompts of built-in tasks ({', '.join(tasks.verifiable_tasks())}), "
+                        f"rewarded by their exact answers unless --reward or --reward-model "
+                        f"is given")
+    p.add_argument("--prompts", metavar="FILE.jsonl",
+                   help='JSON lines of {"prompt": TEXT or MESSAGES, ...} or {"messages": '
+                        '[...], ...}; the other keys go to --reward\'s function')
     p.add_argument("--reward", metavar="FILE.py:FUNCTION",
                    help="your reward function, called as FUNCTION(prompt, completion, **fields) "
                         "-> number (fields: the prompt line's other keys)")
-    p.add_argument("--reward-model", metavar="DIR", help="a reward model folder (tinyllm reward)")
-    p.add_argument("--prompts", metavar="FILE.jsonl",
-                   help='JSON lines of {"prompt": TEXT or MESSAGES, ...} or {"messages": '
-                        '[...], ...} (default with --task: its training prompts)')
+    p.add_argument("--reward-model", metavar="DIR", help="a reward model folder (tinyllm reward "
+                                                         "train): RLHF")
     p.add_argument("--format-reward", type=float,
                    help=f"added to the reward of a completion that ends its turn "
                         f"({d.format_reward})")
     p.add_argument("--n-prompts", type=positive_int,
-                   help=f"built-in task: distinct training prompts ({d.n_prompts})")
-    p.add_argument("--tokenizer", help="tokenizer for a Hugging Face folder without one")
-    p.add_argument("--config", help="TOML or JSON file of settings")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the RL run in this folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the output folder")
-    p.add_argument("-o", "--out", help="run folder (default: next to --from, with -rl)")
+                   help=f"built-in tasks: training prompts ({d.n_prompts})")
+    p.add_argument("--heldout-fraction", type=probability,
+                   help=f"share of a --prompts file held out for evaluation ({d.heldout_fraction})")
     p.add_argument("--group-size", type=positive_int,
                    help=f"completions per prompt, >= 2 ({d.group_size})")
     p.add_argument("--prompts-per-step", type=positive_int, help=f"({d.prompts_per_step})")
@@ -1138,35 +1082,12 @@ def register(subparsers):
                         f"({d.beta})")
     p.add_argument("--mask-truncated", action="store_true", default=None,
                    help="leave completions cut at --max-new-tokens out of the loss")
-    p.add_argument("--lora-rank", type=nonnegative_int, help="train rank-R adapters beside frozen "
-                   "weights (0: every weight, the default)")
-    p.add_argument("--lora-alpha", type=positive_float,
-                   help="adapter scale alpha / rank (2 x rank)")
-    p.add_argument("--lora-targets", type=lambda s: s.split(","), metavar="NAMES",
-                   help=f"comma-separated projections to adapt ({','.join(d.lora_targets)})")
-    p.add_argument("--steps", type=positive_int, help=f"RL steps ({d.steps})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--min-lr", type=nonnegative_float, help=f"final learning rate ({d.min_lr})")
-    p.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps ({d.warmup})")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], help=f"({d.schedule})")
-    p.add_argument("--weight-decay", type=nonnegative_float, help=f"AdamW decay ({d.weight_decay})")
-    p.add_argument("--clip", type=nonnegative_float, help=f"gradient-norm clip, 0 = off ({d.clip})")
-    p.add_argument("--seed", type=int, help=f"seed of prompts and sampling ({d.seed})")
-    p.add_argument("--log-every", type=positive_int,
-                   help=f"steps between log lines ({d.log_every})")
-    p.add_argument("--eval-every", type=positive_int,
-                   help=f"steps between held-out evaluations and checkpoints ({d.eval_every})")
+    finetune.add_lora_arguments(p, d)
+    finetune.add_loop_arguments(p, d)
     p.add_argument("--eval-n", type=positive_int,
                    help=f"held-out prompts per evaluation ({d.eval_n})")
     p.add_argument("--eval-k", type=nonnegative_int,
                    help="also pass@k over k samples per held-out prompt (0: off)")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32, float64, tf32, bfloat16 or float16 (default float32)")
-    p.add_argument("--threads", type=positive_int, help="BLAS threads on the CPU")
-    p.add_argument("--data-threads", type=_int_or_auto, metavar="N|auto",
-                   help="CPU: threads that share each update (auto)")
-    p.add_argument("--checkpoint-blocks", action="store_true", default=None,
-                   help="activation checkpointing: recompute each block in backward")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    finetune.add_device_arguments(p)
     p.set_defaults(func=cmd_rl)
     return p
