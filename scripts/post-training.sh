@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The post-training pipeline end to end, timed: base model -> SFT (and LoRA SFT) -> held-out
-# accuracy of each on every built-in task. What benchmarks/RESULTS.md's post-training tables
-# come from.
+# The post-training pipeline end to end, timed: base model -> SFT (and LoRA SFT) -> DPO, a
+# reward model, RL on the built-in tasks' exact answers, and RLHF against that reward model ->
+# held-out accuracy of each on every built-in task. What benchmarks/RESULTS.md's post-training
+# tables come from.
 #
-#   scripts/post-training.sh                 # the laptop preset on the CPU (about 10 minutes)
+#   scripts/post-training.sh                 # the laptop preset on the CPU (about 20 minutes)
 #   DEVICE=cuda scripts/post-training.sh     # a larger model on the GPU, bfloat16
 #
 # OUT (default runs/post-training) receives the run folders, each step's log and
@@ -26,6 +27,7 @@ if [ "$DEVICE" = cpu ]; then
     LORA_ARGS=(--lora-rank 16 --lr 5e-3)
     DPO_ARGS=()
     REWARD_ARGS=()
+    RL_ARGS=()
     EVAL_ARGS=()
 else
     # nanoGPT's shakespeare_char size (6 x 384, context 256, llama flavour) on the built-in
@@ -41,6 +43,7 @@ else
                --eval-every 500 --device "$DEVICE" --dtype bfloat16)
     DPO_ARGS=(--device "$DEVICE" --dtype bfloat16)
     REWARD_ARGS=(--device "$DEVICE" --dtype bfloat16)
+    RL_ARGS=(--device "$DEVICE" --dtype bfloat16)
     EVAL_ARGS=(--device "$DEVICE")
 fi
 
@@ -69,10 +72,16 @@ step lora "$PYTHON" -m tinyllm sft --from "$OUT/base" --out "$OUT/lora" --overwr
 step merge "$PYTHON" -m tinyllm merge-lora "$OUT/lora" --out "$OUT/lora-merged" --overwrite
 step dpo "$PYTHON" -m tinyllm dpo --from "$OUT/sft" --out "$OUT/dpo" --overwrite "${DPO_ARGS[@]}" ${DPO_EXTRA:-}
 step reward "$PYTHON" -m tinyllm reward train --from "$OUT/sft" --out "$OUT/reward" --overwrite "${REWARD_ARGS[@]}" ${DPO_EXTRA:-}
+# RL on every task's prompts: GRPO on exact answers; RLHF: the reward model's score, with a KL
+# penalty (beta 0.04) to the SFT model
+step rl "$PYTHON" -m tinyllm rl --from "$OUT/sft" --task all --out "$OUT/rl" --overwrite "${RL_ARGS[@]}" ${RL_EXTRA:-}
+step rlhf "$PYTHON" -m tinyllm rl --from "$OUT/sft" --task all --reward-model "$OUT/reward" --beta 0.04 --out "$OUT/rlhf" --overwrite "${RL_ARGS[@]}" ${RL_EXTRA:-}
 evaluate base "$OUT/base"
 evaluate sft "$OUT/sft"
 evaluate lora "$OUT/lora-merged"
 evaluate dpo "$OUT/dpo"
+evaluate rl "$OUT/rl"
+evaluate rlhf "$OUT/rlhf"
 # held-out preference figures: DPO's last evaluation, the reward model's
 "$PYTHON" - "$OUT" "$DEVICE" >> "$results" <<'PY'
 import json, sys
@@ -81,6 +90,20 @@ evals = [json.loads(l) for l in open(f"{out}/dpo/metrics.jsonl") if "val_rewards
 first, last = evals[0], evals[-1]
 print(json.dumps({"model": "dpo", "device": device, "heldout_first": first, "heldout_last": last}))
 print(json.dumps({"model": "reward", "device": device, **json.load(open(f"{out}/reward/reward.json"))}))
+# RL runs: held-out figures at the start and at the end, training reward and KL
+for name in ("rl", "rlhf"):
+    recs = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+    evals = [r for r in recs if "eval_n" in r]
+    steps = [r for r in recs if "reward" in r]
+    tail = steps[-max(1, len(steps) // 10):]
+    summary = {"model": name, "device": device, "heldout_first": evals[0], "heldout_last": evals[-1],
+               "reward_first_10pct": sum(r["reward"] for r in steps[:len(tail)]) / len(tail),
+               "reward_last_10pct": sum(r["reward"] for r in tail) / len(tail),
+               "rollout_s": sum(r["rollout_s"] for r in steps), "update_s": sum(r["update_s"] for r in steps)}
+    if "kl" in steps[0]:
+        summary.update(kl_max=max(r["kl"] for r in steps), kl_last_10pct=sum(r["kl"] for r in tail) / len(tail))
+    print(json.dumps(summary))
 PY
+for name in rl rlhf; do "$PYTHON" -m tinyllm plot "$OUT/$name" || true; done
 tail -2 "$results"
 echo "results in $results"

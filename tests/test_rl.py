@@ -314,6 +314,16 @@ def test_a_short_run_raises_the_reward(tiny, user_files, tmp_path):
     model, tok = load_for_generation(tmp_path / "run")  # loads like any run folder
     assert tok.vocab_size == model.config.vocab_size
     assert load_checkpoint(tmp_path / "run" / "best.ckpt")[0]["kind"] == "rl"
+    from tinyllm.plot import plot_run
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs matplotlib"):
+            plot_run(tmp_path / "run")
+        return
+    png = plot_run(tmp_path / "run")  # the RL panels: reward, held-out, entropy, length
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_the_first_update_pass_sees_ratio_one_and_beta_adds_kl(tiny, user_files, tmp_path):

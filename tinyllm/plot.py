@@ -1,4 +1,5 @@
-"""`tinyllm plot RUN_DIR`: the loss curves of a run (metrics.jsonl) drawn to a PNG.
+"""`tinyllm plot RUN_DIR`: the loss curves of a run (metrics.jsonl) drawn to a PNG; for an RL
+run (`tinyllm rl`), its reward, held-out figures, KL and completion length.
 
 matplotlib is an optional extra (`pip install 'tinyllm[plot]'`), imported only here.
 """
@@ -25,11 +26,7 @@ def read_metrics(run_dir):
     return train, val
 
 
-def plot_run(run_dir, out=None, log_y=False):
-    """Draw training and validation loss (and the learning rate) against the step; returns
-    the PNG path (default RUN_DIR/loss.png)."""
-    if not (Path(run_dir) / "metrics.jsonl").exists():
-        read_metrics(run_dir)  # names the missing folder or file, before matplotlib
+def _pyplot():
     try:
         import matplotlib
 
@@ -38,9 +35,20 @@ def plot_run(run_dir, out=None, log_y=False):
     except ImportError:
         raise RuntimeError("tinyllm plot needs matplotlib: pip install 'tinyllm[plot]' "
                            "(or pip install matplotlib)") from None
+    return plt
+
+
+def plot_run(run_dir, out=None, log_y=False):
+    """Draw training and validation loss (and the learning rate) against the step, or an RL
+    run's curves (`plot_rl`); returns the PNG path (default RUN_DIR/loss.png)."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        read_metrics(run_dir)  # names the missing folder or file, before matplotlib
+    plt = _pyplot()
     train, val = read_metrics(run_dir)
     if not train and not val:
         raise ValueError(f"{run_dir}: metrics.jsonl has no records yet")
+    if any("reward" in r for r in train):
+        return plot_rl(run_dir, train, out)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:
         every = train[1]["step"] - train[0]["step"] if len(train) > 1 else 1
@@ -72,6 +80,67 @@ def plot_run(run_dir, out=None, log_y=False):
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "loss.png"
     fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _smooth(values, window):
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_rl(run_dir, records, out=None):
+    """Four panels of an RL run against the step: the mean training reward (and its running
+    mean), the held-out figures of each evaluation (pass@1, per task, mean reward), the KL
+    to the starting model (beta > 0) and the mean completion length."""
+    plt = _pyplot()
+    steps = [r["step"] for r in records if "reward" in r]
+    train = [r for r in records if "reward" in r]
+    evals = [r for r in records if "eval_n" in r]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    reward = [r["reward"] for r in train]
+    ax.plot(steps, reward, color="tab:blue", alpha=0.3, lw=0.8, label="each step")
+    window = max(1, len(reward) // 20)
+    ax.plot(steps, _smooth(reward, window), color="tab:blue", label=f"mean of {window} steps")
+    ax.set_title("training reward (mean over the step's completions)")
+    ax.legend()
+    ax = axes[0][1]
+    keys = [k for k in evals[0] if k.startswith("pass@")] if evals else []
+    for k in keys:
+        ax.plot([r["step"] for r in evals], [r[k] for r in evals], "o-", ms=3,
+                lw=2 if k == "pass@1" else 1, label=k.replace("pass@1_", ""))
+    if keys:
+        ax.set_ylabel("pass@1 (exact answers)")
+        ax.legend(fontsize=8, loc="upper left")
+    if evals and "heldout_reward" in evals[0]:  # a reward model's scale: an axis of its own
+        ax2 = ax.twinx() if keys else ax
+        ax2.plot([r["step"] for r in evals], [r["heldout_reward"] for r in evals], "s--",
+                 color="black", label="mean reward")
+        ax2.set_ylabel("mean reward of the answers")
+        ax2.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"held-out ({evals[0]['eval_n']} prompts, greedy)" if evals else "held-out")
+    ax = axes[1][0]
+    if "kl" in train[0]:
+        ax.plot(steps, [r["kl"] for r in train], color="tab:red")
+        ax.set_title("KL to the starting model (k3, per token)")
+    else:
+        ax.plot(steps, [r["entropy"] for r in train], color="tab:purple")
+        ax.set_title("entropy of the sampling distribution (nats/token)")
+    ax = axes[1][1]
+    ax.plot(steps, [r["completion_len"] for r in train], color="tab:green")
+    ax.set_title("mean completion length (tokens)")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
