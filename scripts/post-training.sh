@@ -17,9 +17,10 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/post-training}
 N=${N:-200}
+SKIP=${SKIP:-}  # steps whose run folders are kept from an earlier call, e.g. "base sft lora merge"
 mkdir -p "$OUT"
 results="$OUT/results.jsonl"
-: > "$results"
+[ -n "$SKIP" ] || : > "$results"
 
 if [ "$DEVICE" = cpu ]; then
     BASE_ARGS=(--sample-tokens 0)
@@ -49,6 +50,7 @@ fi
 
 step() {  # step NAME COMMAND...: run, log, record the wall time
     local name=$1; shift
+    case " $SKIP " in *" $name "*) echo "---- $name: kept from before"; return;; esac
     local t0=$SECONDS
     echo "---- $name: $*"
     "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed:"; tail -20 "$OUT/$name.log"; exit 1; }
