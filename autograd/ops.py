@@ -6,6 +6,7 @@ broadcast shape; the engine sums them back to each input's shape (`backend.sum_t
 """
 
 import builtins
+import functools
 
 import numpy as np
 
@@ -1365,25 +1366,19 @@ def _keep_mask(shape, p, like):
 
 # ---- attention -------------------------------------------------------------------------------
 
-_causal_masks = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _causal_mask(T, S, xp):
-    """Boolean (T, S) mask, True where query t may not see key s: s > t + (S - T)."""
-    key = (T, S, xp.__name__)
-    if key not in _causal_masks:
-        _causal_masks[key] = xp.triu(xp.ones((T, S), dtype=bool), k=S - T + 1)
-    return _causal_masks[key]
+    """Boolean (T, S) mask, True where query t may not see key s: s > t + (S - T).
+    Cached, and the cache bounded: decoding asks for a new (1, S) at every token."""
+    return xp.triu(xp.ones((T, S), dtype=bool), k=S - T + 1)
 
 
+@functools.lru_cache(maxsize=16)
 def _causal_bias(T, S, xp, dtype):
     """The causal mask as an additive (T, S) array: 0 where visible, -inf where masked.
     Adding it is one streaming pass, several times faster on the CPU than a boolean-index
     assignment."""
-    key = (T, S, xp.__name__, np.dtype(dtype).str)
-    if key not in _causal_masks:
-        _causal_masks[key] = xp.where(_causal_mask(T, S, xp), -np.inf, 0).astype(dtype)
-    return _causal_masks[key]
+    return xp.where(_causal_mask(T, S, xp), -np.inf, 0).astype(dtype)
 
 
 class Attention(Function):
@@ -1436,7 +1431,7 @@ class Attention(Function):
         s = _bmm(qb, k, False, True, self.dtype)  # q k^T scale: (B, Hkv, G*n, L)
         if self.causal:
             s5 = s.reshape(B, Hkv, -1, n, L)  # a view: the (n, L) mask broadcasts over it
-            s5 += _causal_bias(T, S, xp, s.dtype)[q0:q0 + n, :L]
+            s5 += _causal_bias(T, S, xp, np.dtype(s.dtype))[q0:q0 + n, :L]
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
         p *= 1 / p.sum(axis=-1, keepdims=True)  # one division per row, then products

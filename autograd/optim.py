@@ -178,6 +178,7 @@ class SGD(Optimizer):
                 tmp = self._tmp(p.data)
                 backend.get_array_module(p.data).multiply(g, lr, out=tmp)
                 p.data -= tmp
+                p.bump_version()  # a graph still holding p.data raises at its backward
         self.step_count += 1
 
 
@@ -231,6 +232,7 @@ class AdamW(Optimizer):
                 m = self._buffer(p, "exp_avg")
                 v = self._buffer(p, "exp_avg_sq")
                 w = p.data
+                p.bump_version()  # updated in place below: a graph still holding it raises
                 if kernels.use(w, g) and w.flags.c_contiguous and g.flags.c_contiguous:
                     fused.append((w, g, m, v))
                     continue
