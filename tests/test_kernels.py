@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import autograd
-from autograd import Tensor, amp, backend, kernels, ops
+from autograd import Tensor, amp, backend, fast, ops
+from autograd.fast.cuda import kernels
 
 pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="CuPy with a CUDA GPU is not available")
 

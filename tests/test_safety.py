@@ -166,7 +166,8 @@ def test_a_float32_graph_stays_float32_with_float64_numpy_operands():
 # ---- bounded caches ---------------------------------------------------------------------------
 
 def test_causal_mask_cache_stays_bounded_while_decoding_thousands_of_tokens():
-    cached = ops._causal_bias
+    from autograd.ops.attention import causal_bias as cached
+
     cached.cache_clear()
     rng = np.random.default_rng(0)
     D, S_max = 4, 3000
