@@ -216,6 +216,9 @@ class AttentionCPU(FastPath, Attention):
         self.blocks = _query_blocks(T, S, self.causal)
         self.q, self.k, self.v, self.dtype, self.q_shape = qf, k, v, q.dtype, q.shape
         self.p, self.pd, self.mask = [], [], []
+        # dropout's mask drawn whole, as the reference draws it (the same generator state
+        # gives the same mask), and cut into the blocks
+        self.keep = keep_mask((B, Hkv, G, T, S), self.dropout_p, q) if self.dropout_p > 0 else None
         y = np.empty((B, Hkv, G, T, D), q.dtype)
         for q0, n, L in self.blocks:
             p, pd = self._probs(_rows(qf, q0, n), k[:, :, :L], q0, T, S)
@@ -239,7 +242,7 @@ class AttentionCPU(FastPath, Attention):
         p *= 1 / p.sum(axis=-1, keepdims=True)  # one division per row, then products
         if self.dropout_p == 0:
             return p, amp.low(p)
-        mask = keep_mask(p.shape, self.dropout_p, p) * np.asarray(1 / (1 - self.dropout_p), self.dtype)
+        mask = _rows(self.keep[..., :L], q0, n) * np.asarray(1 / (1 - self.dropout_p), self.dtype)
         self.mask.append(mask)
         return p, amp.low(p * mask)
 
