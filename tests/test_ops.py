@@ -763,8 +763,9 @@ def test_attention_with_dropout(device):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_attention_in_query_blocks(dropout_p):
-    # T >= 128 runs the CPU path in query blocks that skip the masked keys; with grouped heads,
-    # a key/value cache (S > T) and a last block shorter than the others
+    # the reference at the lengths where the float32 CPU fast path works in query blocks
+    # (tests/test_fast.py holds those blocks to this reference): grouped heads, a key/value
+    # cache (S > T), a last block shorter than the others
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((1, 2, 130, 3)), rng.standard_normal((1, 1, 133, 3)), rng.standard_normal((1, 1, 133, 3))
 

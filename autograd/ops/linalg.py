@@ -28,7 +28,7 @@ def mm(a, b, trans_a=False, trans_b=False, dtype=None):
     """op(a) @ op(b) for matrices or stacks of them (leading axes broadcast), in `dtype`
     (default a's); op transposes the last two axes when asked."""
     dtype = dtype or a.dtype
-    if backend.is_cupy_array(a) and a.dtype != np.float64:
+    if backend.is_cupy_array(a) and a.dtype.name in cuda.GEMM_DTYPES:
         lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         y = cuda.gemm(_batched(a, lead), _batched(b, lead), trans_a, trans_b, out_dtype=dtype)
         return y.reshape(*lead, *y.shape[-2:])
@@ -40,7 +40,7 @@ def mm(a, b, trans_a=False, trans_b=False, dtype=None):
 
 def mm_into(out, a, b, trans_a, trans_b, accumulate=False):
     """out = op(a) @ op(b), or out += with accumulate, for 2-D a, b (`mm` into a buffer)."""
-    if backend.is_cupy_array(a) and a.dtype != np.float64:
+    if backend.is_cupy_array(a) and a.dtype.name in cuda.GEMM_DTYPES:
         cuda.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate)
         return
     product = amp.high((a.T if trans_a else a) @ (b.T if trans_b else b), out.dtype)

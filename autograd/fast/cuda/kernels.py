@@ -64,6 +64,7 @@ def _kernel(name, file, **types):
 # ---- batched matrix products through cuBLAS ----------------------------------------------------
 
 _CUDA_DTYPE = {"float32": 0, "float16": 2, "bfloat16": 14}  # cudaDataType: CUDA_R_32F, _16F, _16BF
+GEMM_DTYPES = frozenset(_CUDA_DTYPE)  # what gemm multiplies (float64 and integers: CuPy's matmul)
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77  # cublasComputeType_t
 _GEMM_DEFAULT = -1
 
