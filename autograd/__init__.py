@@ -7,10 +7,12 @@
     y.backward()        # x.grad == 2 * x
     (gx,) = autograd.grad((x * x).sum(), [x])   # the same gradient, returned; .grad untouched
 
-It knows nothing of language models: Tensor and the graph walk (tensor.py), the ops with their
-backward (ops.py), array backends (backend.py), building blocks (nn.py), optimizers and
-learning-rate schedules (optim.py), activation checkpointing (checkpoint.py), and gradient
-checking (gradcheck.py, testing.py).
+It knows nothing of language models: Tensor and the graph walk (tensor.py), the reference ops
+with their backward (ops/, one module per family), their tuned implementations (fast/: CPU
+code and CUDA kernels, each checked against its reference), mixed precision (amp.py), array
+backends (backend.py), building blocks (nn.py), optimizers and learning-rate schedules
+(optim.py), activation checkpointing (checkpoint.py), and gradient checking (gradcheck.py,
+testing.py).
 """
 
 from autograd import backend
@@ -26,7 +28,7 @@ from autograd.gradcheck import GradcheckError, gradcheck
 from autograd.ops import (
     abs, add, broadcast_to, cast, clip, concat, cross_entropy, div, dropout, embedding, exp,
     gelu, getitem, layer_norm, linear, linear_cross_entropy, log, log_sigmoid, log_softmax,
-    lora_linear, matmul, max, maximum, mean, mul, neg, pow, relu, reshape, rms_norm, rsqrt,
+    lora_linear, matmul, max, maximum, mean, mul, neg, pow, relu, reshape, rms_norm, rope, rsqrt,
     scaled_dot_product_attention, sigmoid, silu, softmax, softplus, swiglu, split, sqrt, squeeze,
     stack,
     sub, sum, swapaxes, tanh, to_device, transpose, unsqueeze, var, where,

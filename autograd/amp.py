@@ -3,12 +3,16 @@
 Precision modes (`set_precision`, or `with autocast(mode):`):
 - "float32": plain float32 everywhere.
 - "tf32": float32 storage; on CUDA, float32 matrix products use TensorFloat-32 tensor cores
-  (10-bit mantissa inputs, float32 accumulation).
+  (10-bit mantissa inputs, float32 accumulation): the engine's cuBLAS products read the mode.
 - "bfloat16" / "float16": the matrix-product ops (linear, matmul, the two products inside
   attention) cast their float32 operands to the low dtype, multiply with float32 accumulation,
   and hand back float32. Weights stay float32 ("master weights"), and so do optimizer state,
   softmax, norms and the loss. float16 has a narrow range: pair it with `GradScaler`.
+
+The mode is per thread: an autocast block in one thread leaves the others' products alone.
 """
+
+import threading
 
 import numpy as np
 
@@ -16,59 +20,56 @@ from autograd import backend
 
 MODES = ("float32", "tf32", "bfloat16", "float16")
 
-_mode = "float32"
-_low = None  # the low-precision dtype of the matrix products, or None
+
+class _Precision(threading.local):
+    def __init__(self):  # runs once in each thread that touches it
+        self.mode = "float32"  # each thread starts in float32
+        self.low = None  # the low-precision dtype of the matrix products, or None
+        self.saved = []  # the modes autocast blocks will restore, innermost last
+
+
+_state = _Precision()
 
 
 def set_precision(mode):
-    """Choose the precision mode for every following op (see the module docstring)."""
-    global _mode, _low
+    """Choose the precision mode of every following op in this thread (see the module
+    docstring). A mode that cannot be set raises and leaves the current one in force."""
     if mode not in MODES:
         raise ValueError(f"precision must be one of {', '.join(MODES)}, not {mode!r}")
-    _mode = mode
-    _low = {"bfloat16": backend.bfloat16, "float16": lambda: np.dtype(np.float16)}.get(mode, lambda: None)()
-    _set_cuda_tf32(mode == "tf32")
+    low = {"bfloat16": backend.bfloat16, "float16": lambda: np.dtype(np.float16)}.get(mode, lambda: None)()
+    _state.mode, _state.low = mode, low  # only once everything above has succeeded
 
 
 def precision():
-    return _mode
-
-
-def _set_cuda_tf32(on):
-    """Tell CuPy's matmul to use TF32 tensor cores for float32 (only if CuPy is in use)."""
-    if backend._cupy is None:
-        import os
-
-        os.environ["CUPY_TF32"] = "1" if on else "0"  # read by CuPy at its first float32 matmul
-        return
-    from cupy._core import _routines_linalg as linalg
-
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT)
+    return _state.mode
 
 
 class autocast:
-    """`with autocast("bfloat16"): ...` sets the precision mode inside the block."""
+    """`with autocast("bfloat16"): ...` sets the precision mode inside the block (in this
+    thread). Re-entrant: the mode to restore is kept per thread, not on the object."""
 
     def __init__(self, mode):
         self.mode = mode
 
     def __enter__(self):
-        self.prev = _mode
-        set_precision(self.mode)
+        prev = _state.mode
+        set_precision(self.mode)  # raises before anything is pushed if the mode is bad
+        _state.saved.append(prev)
 
     def __exit__(self, *exc):
-        set_precision(self.prev)
+        set_precision(_state.saved.pop())
 
 
 def low_dtype():
     """The matrix-product dtype of the current mode (bfloat16/float16), or None."""
-    return _low
+    return _state.low
 
 
 def low(a):
     """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
-    if _low is not None and a.dtype == np.float32:
-        return a.astype(_low)
+    low_ = _state.low
+    if low_ is not None and a.dtype == np.float32:
+        return a.astype(low_)
     return a
 
 

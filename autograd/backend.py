@@ -195,28 +195,3 @@ def set_rng_state(state):
     if state.get("seed") is not None:
         _rng["seed"] = state["seed"]
     rng("cpu").bit_generator.state = state["cpu"]
-
-
-def reuse_freed_memory():
-    """Have glibc's malloc keep freed arrays' memory for reuse; True when it took the setting.
-
-    A training step allocates and frees the same large arrays (activations, gradients,
-    temporaries of 0.1-30 MB) every step. By default glibc serves each block above a
-    threshold (128 KB, raised only as blocks are freed) with a fresh mmap and returns it to
-    the OS on free, and trims the top of the heap; so each step the kernel maps and
-    zero-fills the same memory again: ~26,000 page faults per step of the laptop preset, a
-    fifth of its time on one core. Serving blocks up to 32 MB (glibc's upper limit) from the
-    heap and keeping up to 1 GB of freed heap lets the next step reuse the same pages; peak
-    memory stays the same. Process-wide; does nothing (returns False) without glibc.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-from autograd import backend, kernels
+from autograd import backend, fast
+from autograd.fast.cuda import kernels as cuda
 
 
 def _param_array(p):
@@ -178,6 +179,7 @@ class SGD(Optimizer):
                 tmp = self._tmp(p.data)
                 backend.get_array_module(p.data).multiply(g, lr, out=tmp)
                 p.data -= tmp
+                p.bump_version()  # a graph still holding p.data raises at its backward
         self.step_count += 1
 
 
@@ -231,7 +233,8 @@ class AdamW(Optimizer):
                 m = self._buffer(p, "exp_avg")
                 v = self._buffer(p, "exp_avg_sq")
                 w = p.data
-                if kernels.use(w, g) and w.flags.c_contiguous and g.flags.c_contiguous:
+                p.bump_version()  # updated in place below: a graph still holding it raises
+                if fast.cuda_float32(w, g) and w.flags.c_contiguous and g.flags.c_contiguous:
                     fused.append((w, g, m, v))
                     continue
                 tmp = self._tmp(p.data)
@@ -254,7 +257,7 @@ class AdamW(Optimizer):
                 tmp *= step_size
                 w -= tmp
             if fused:
-                kernels.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
+                cuda.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
 
 
 # ---- gradient clipping -------------------------------------------------------------------
@@ -262,8 +265,8 @@ class AdamW(Optimizer):
 def grad_norm(params):
     """The global L2 norm of all gradients, as a Python float (one device sync)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and kernels.use(*grads):  # on the GPU: one kernel over every array, one sync
-        return math.sqrt(float(kernels.sum_of_squares(grads)[0]))
+    if grads and fast.cuda_float32(*grads):  # on the GPU: one kernel over every array, one sync
+        return math.sqrt(float(cuda.sum_of_squares(grads)[0]))
     total = None
     for p in params:
         g = p.grad
@@ -291,8 +294,8 @@ def clip_grad_norm(params, max_norm):
         scale = max_norm / (total + 1e-6)
         if scale < 1:
             grads = [p.grad for p in params]
-            if kernels.use(*grads) and all(g.flags.c_contiguous for g in grads):
-                kernels.scale_(grads, scale)  # one launch on the GPU
+            if fast.cuda_float32(*grads) and all(g.flags.c_contiguous for g in grads):
+                cuda.scale_(grads, scale)  # one launch on the GPU
                 return total
             for p in params:
                 p.grad *= p.grad.dtype.type(scale)

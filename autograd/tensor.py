@@ -12,6 +12,12 @@ inputs)` runs the same walk but returns the inputs' gradients instead of adding 
 Threads: the grad mode (`no_grad`) is per thread, and a walk touches only its own graph
 (and, for `backward`, the leaves' `.grad`), so threads may build and differentiate separate
 graphs over shared parameters at once, each taking its gradients with `grad`.
+
+Versions: each tensor counts the in-place changes made to its array through the engine
+(`t[idx] = v`, `add_`, `mul_`, `copy_`, `zero_`, an optimizer's step, `bump_version`). A
+Function notes the version of every input whose array it keeps for backward; backward
+raises if one changed since, instead of differentiating with the changed values. An
+optimizer's update after backward is legal: backward has freed the graph by then.
 """
 
 import heapq
@@ -25,7 +31,9 @@ from autograd import backend
 
 
 class _GradMode(threading.local):
-    enabled = True  # each thread starts with recording on
+    def __init__(self):  # runs once in each thread that touches it
+        self.enabled = True  # each thread starts with recording on
+        self.saved = []  # the modes to restore, innermost last
 
 
 _grad_mode = _GradMode()
@@ -35,19 +43,25 @@ def is_grad_enabled():
     return _grad_mode.enabled
 
 
-class no_grad:
-    """Context manager and decorator: no graph is recorded inside (in this thread)."""
+class _set_grad_mode:
+    """Context manager and decorator setting the grad mode of this thread inside.
+
+    The mode to restore is kept on a per-thread stack, not on the object: one object may be
+    entered twice (nested, or from two threads) and each exit restores what its enter found.
+    """
+
+    mode = True
 
     def __enter__(self):
-        self._prev = _grad_mode.enabled
-        _grad_mode.enabled = False
+        _grad_mode.saved.append(_grad_mode.enabled)
+        _grad_mode.enabled = self.mode
 
     def __exit__(self, *exc):
-        _grad_mode.enabled = self._prev
+        _grad_mode.enabled = _grad_mode.saved.pop()
 
     def __call__(self, fn):
         def wrapper(*args, **kwargs):
-            with no_grad():
+            with self:
                 return fn(*args, **kwargs)
 
         wrapper.__name__ = getattr(fn, "__name__", "wrapper")
@@ -55,15 +69,16 @@ class no_grad:
         return wrapper
 
 
-class enable_grad:
+class no_grad(_set_grad_mode):
+    """Context manager and decorator: no graph is recorded inside (in this thread)."""
+
+    mode = False
+
+
+class enable_grad(_set_grad_mode):
     """Context manager: the graph is recorded inside even within no_grad (in this thread)."""
 
-    def __enter__(self):
-        self._prev = _grad_mode.enabled
-        _grad_mode.enabled = True
-
-    def __exit__(self, *exc):
-        _grad_mode.enabled = self._prev
+    mode = True
 
 
 class Function:
@@ -102,11 +117,46 @@ class Function:
         self.needs_grad = needs
         out = Tensor._wrap(self.forward(*arrays), requires_grad=record)
         if record:
+            self.saved_versions = _saved_versions(self, tensors)
             self.inputs = [_edge(t) for t in tensors]
             self.generation = max(t._generation for t in tensors if t is not None)
             out._ctx = self
             out._generation = self.generation + 1
         return out
+
+
+def _is_array(a):
+    return isinstance(a, np.ndarray) or backend.is_cupy_array(a)
+
+
+def _same_memory(a, b):
+    """True when a and b are one array or views of one base (identity checks only: cheap)."""
+    base_a = a if a.base is None else a.base
+    base_b = b if b.base is None else b.base
+    return base_a is base_b
+
+
+def _saved_versions(fn, tensors):
+    """(version cell, version now) of each input tensor whose array (or a view of it) `fn`
+    kept on itself for backward: what the walk checks before calling fn.backward."""
+    kept = []
+    for v in vars(fn).values():
+        if _is_array(v):
+            kept.append(v)
+        elif isinstance(v, (list, tuple)):
+            kept.extend(a for a in v if _is_array(a))
+    return [(t._version, t._version[0]) for t in tensors
+            if t is not None and any(_same_memory(a, t.data) for a in kept)]
+
+
+def _check_versions(fn):
+    for cell, version in getattr(fn, "saved_versions", ()):
+        if cell[0] != version:
+            raise RuntimeError(
+                f"{type(fn).__name__}: an input it saved for backward was modified in place "
+                f"after the forward (version {cell[0]}, saved at version {version}); make the "
+                "change out of place, or after backward"
+            )
 
 
 class _Edge:
@@ -130,9 +180,15 @@ def _edge(t):
 
 
 def _scalar_array(x, like):
-    """A Python number as a 0-d array of the other operand's dtype and device."""
+    """A Python number or a raw array as an array of the other operand's device.
+
+    The dtype policy is one for both: next to a floating-point tensor the operand takes the
+    tensor's dtype (a float32 graph stays float32 with a float64 NumPy operand, as with a
+    Python float); next to an integer tensor a Python int takes its dtype and an array keeps
+    its own, promoted as NumPy does.
+    """
+    xp = like.xp
     if isinstance(x, (bool, int, float)):
-        xp = like.xp
         dtype = like.dtype if backend.is_float_dtype(like.dtype) or isinstance(x, int) else None
         return xp.asarray(x, dtype=dtype)
     if isinstance(x, (np.ndarray, np.generic)) or backend.is_cupy_array(x):
@@ -140,7 +196,9 @@ def _scalar_array(x, like):
             raise RuntimeError(
                 f"array on {backend.device_of(x)} mixed with a tensor on {like.device}"
             )
-        return like.xp.asarray(x)
+        if backend.is_float_dtype(like.dtype) and x.dtype != like.dtype:
+            return xp.asarray(x).astype(like.dtype)
+        return xp.asarray(x)
     raise TypeError(f"cannot combine a Tensor with {type(x).__name__}")
 
 
@@ -175,6 +233,7 @@ class Tensor:
         if requires_grad and not backend.is_float_dtype(data.dtype):
             raise TypeError(f"only floating-point tensors can require grad, not {data.dtype}")
         self.data = data
+        self._version = [0]  # in-place changes so far: a cell that detach() shares
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None
@@ -212,8 +271,10 @@ class Tensor:
         return self.numpy().tolist()
 
     def detach(self):
-        """The same data, cut from the graph."""
-        return Tensor._wrap(self.data)
+        """The same data, cut from the graph (in-place changes count for both)."""
+        t = Tensor._wrap(self.data)
+        t._version = self._version
+        return t
 
     def to(self, device=None, dtype=None):
         """A copy on another device and/or dtype. A dtype change is differentiable."""
@@ -237,6 +298,49 @@ class Tensor:
 
     def zero_grad(self):
         self.grad = None
+
+    # ---- in place -------------------------------------------------------------------------
+    # Not differentiable: refused on a tensor that requires grad while the graph is recorded
+    # (an optimizer-style update goes inside no_grad). Each bumps the version.
+    def bump_version(self):
+        """Record an in-place change made to .data directly (as an optimizer step does)."""
+        self._version[0] += 1
+
+    def _in_place(self, name):
+        if self.requires_grad and _grad_mode.enabled:
+            raise RuntimeError(
+                f"{name} changes a tensor that requires grad in place; do it inside no_grad() "
+                "(an update), or use the out-of-place op"
+            )
+        self.bump_version()
+
+    def _operand(self, other):
+        other = other.data if isinstance(other, Tensor) else other
+        return _scalar_array(other, self) if not isinstance(other, (int, float, bool)) else other
+
+    def __setitem__(self, key, value):
+        self._in_place("t[key] = value")
+        self.data[key] = self._operand(value)
+
+    def copy_(self, other):
+        self._in_place("copy_")
+        self.data[...] = self._operand(other)
+        return self
+
+    def add_(self, other):
+        self._in_place("add_")
+        self.data += self._operand(other)
+        return self
+
+    def mul_(self, other):
+        self._in_place("mul_")
+        self.data *= self._operand(other)
+        return self
+
+    def zero_(self):
+        self._in_place("zero_")
+        self.data[...] = 0
+        return self
 
     # ---- backward ---------------------------------------------------------------------
     def backward(self, grad=None, retain_graph=False):
@@ -457,6 +561,7 @@ def _walk(ctx, grad, retain_graph):
                 "backward through a graph a second time: its saved arrays were freed "
                 "(pass retain_graph=True to the first backward)"
             )
+        _check_versions(fn)
         g_out = pending.pop(id(fn))
         input_grads = fn.backward(g_out)
         if not isinstance(input_grads, tuple):

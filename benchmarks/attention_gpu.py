@@ -43,7 +43,8 @@ def main():
 
     import cupy as cp
 
-    from autograd import backend, kernels
+    from autograd import backend
+    from autograd.fast.cuda import kernels
 
     B, H, T, D = args.batch, args.heads, args.T, args.D
     bf16 = backend.bfloat16()

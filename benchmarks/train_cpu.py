@@ -15,7 +15,7 @@ threads, 1 BLAS thread each; the "tinyllm mode" column says which (shards x BLAS
     python benchmarks/train_cpu.py --data-threads 1  # tinyllm's batch not split (BLAS threads only)
 
 As `tinyllm train` does on the CPU, the process first asks glibc's malloc to keep freed memory
-for reuse (`autograd.backend.reuse_freed_memory`; it applies to both libraries here);
+for reuse (`tinyllm.perf.reuse_freed_memory`; it applies to both libraries here);
 --default-malloc leaves malloc as it is.
 """
 
@@ -33,6 +33,7 @@ import autograd
 from autograd.optim import AdamW
 from tinyllm.config import preset_config
 from tinyllm.model import GPT
+from tinyllm import perf
 from tinyllm.train import accumulate_grads, apply_update, blas_thread_count, shard_count
 from machine import cpu_model  # benchmarks/machine.py
 
@@ -189,7 +190,7 @@ def main():
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not call reuse_freed_memory (glibc returns large blocks to the OS)")
     args = ap.parse_args()
-    reuse = False if args.default_malloc else autograd.backend.reuse_freed_memory()
+    reuse = False if args.default_malloc else perf.reuse_freed_memory()
     if args.threads:
         from tinyllm.train import set_blas_threads
 

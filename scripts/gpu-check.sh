@@ -29,10 +29,25 @@ else:
 PY
 
 log=$(mktemp)
-"$PYTHON" -m pytest -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$log"
+xml=$(mktemp)
+"$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$xml" "${@:-tests}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 echo "gpu-check summary: $(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$log" | tail -1)"
-rm -f "$log"
+# the fast paths against their references (tests/test_fast.py), CPU and CUDA cases apart
+"$PYTHON" - "$xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+counts = {}
+for case in ET.parse(sys.argv[1]).iter("testcase"):
+    if not case.get("classname", "").endswith("test_fast") or "[" not in case.get("name", ""):
+        continue
+    device = "cuda" if "CUDA-" in case.get("name") else "cpu"
+    outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+    counts.setdefault(device, {}).setdefault(outcome, 0)
+    counts[device][outcome] += 1
+for device, c in sorted(counts.items()):
+    print(f"gpu-check fast paths vs reference ({device}): " + ", ".join(f"{n} {k}" for k, n in sorted(c.items())))
+PY
+rm -f "$log" "$xml"
 
 # ---- GPU benchmarks -----------------------------------------------------------------------------
 # After the tests, so a failing test still reports first. GPU_CHECK_BENCH=0 skips them;

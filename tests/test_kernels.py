@@ -1,15 +1,18 @@
 """The fused CUDA kernels against their definition: the same op on NumPy arrays.
 
-Each test runs an op forward and backward on the CPU (NumPy, the readable reference) and on
-the GPU (CuPy, where ops.py calls autograd.kernels), from the same inputs and the same
-upstream gradient, and compares outputs and every input gradient. Skipped without CUDA.
+Each test runs an op forward and backward on the CPU (NumPy) and on the GPU (CuPy, where
+autograd.fast picks the CUDA paths of autograd/fast/cuda/), from the same inputs and the same
+upstream gradient, and compares outputs and every input gradient, at fixed shapes that reach
+each kernel's edge cases (tests/test_fast.py compares each path with its reference on drawn
+inputs). Skipped without CUDA.
 """
 
 import numpy as np
 import pytest
 
 import autograd
-from autograd import Tensor, amp, backend, kernels, ops
+from autograd import Tensor, amp, backend, fast, ops
+from autograd.fast.cuda import kernels
 
 pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="CuPy with a CUDA GPU is not available")
 
@@ -152,11 +155,15 @@ def test_gemm_against_matmul(ta, tb):
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("TINYLLM_FUSED", "0")
     cp = backend.cupy_module()
-    assert not kernels.use(cp.zeros(3, np.float32))
+    from autograd.ops.norm import LayerNorm
+
+    assert not fast.cuda_float32(cp.zeros(3, np.float32))
+    assert fast.pick(LayerNorm, cp.zeros(3, np.float32)) is LayerNorm
     monkeypatch.setenv("TINYLLM_FUSED", "1")
-    assert kernels.use(cp.zeros(3, np.float32))
-    assert not kernels.use(cp.zeros(3, np.float64))  # float64 stays on the reference path
-    assert not kernels.use(np.zeros(3, np.float32))
+    assert fast.cuda_float32(cp.zeros(3, np.float32))
+    assert fast.pick(LayerNorm, cp.zeros(3, np.float32)).__name__ == "LayerNormCUDA"
+    assert fast.pick(LayerNorm, cp.zeros(3, np.float64)) is LayerNorm  # float64: the reference
+    assert not fast.cuda_float32(np.zeros(3, np.float32))
 
 
 def test_adamw_kernel_matches_the_numpy_step():
@@ -239,7 +246,7 @@ def test_reference_attention_under_bfloat16_on_the_gpu(monkeypatch):
 
 
 def attention_float64(q, k, v, g, causal, scale, drop=None):
-    """Attention and its gradients in float64 NumPy, written out from the math (no ops.py):
+    """Attention and its gradients in float64 NumPy, written out from the math (no autograd):
     y = P v, P = softmax(q k^T scale + mask); dv = P^T g, dS = P (g v^T - rowsum(g y)),
     dq = dS k scale, dk = dS^T q scale, with the G query heads of a kv head summed.
     With dropout, drop = keep / (1 - p) of shape (B, Hq, T, S): y = (P drop) v,

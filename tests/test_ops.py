@@ -21,6 +21,8 @@ from hypothesis.extra import numpy as hnp
 
 import autograd
 from autograd import Tensor, backend, gradcheck, ops
+from autograd.ops import linalg, losses
+from autograd.ops.common import axes_of
 from autograd.testing import (
     axes, broadcastable_pair, device_params, float_arrays, positive_arrays, shapes, tie_free_pair,
 )
@@ -65,9 +67,11 @@ def test_every_op_has_a_gradient_test():
 
 
 def test_differentiable_ops_lists_every_public_op():
+    # what autograd.ops exports from its family modules (autograd/ops/*.py)
     public = {
         name for name, obj in vars(ops).items()
-        if inspect.isfunction(obj) and obj.__module__ == ops.__name__ and not name.startswith("_")
+        if inspect.isfunction(obj) and obj.__module__.startswith(ops.__name__ + ".")
+        and not name.startswith("_")
     }
     assert public == set(ops.DIFFERENTIABLE_OPS), (
         f"not in DIFFERENTIABLE_OPS: {sorted(public - set(ops.DIFFERENTIABLE_OPS))}; "
@@ -305,7 +309,7 @@ def test_var(device, data):
     x = data.draw(float_arrays(shape))
     axis, keepdims = data.draw(axes(len(shape))), data.draw(st.booleans())
     ddof = data.draw(st.sampled_from([0, 1]))
-    n = int(np.prod([shape[a] for a in ops._axes(axis, len(shape))]))
+    n = int(np.prod([shape[a] for a in axes_of(axis, len(shape))]))
     assume(n > ddof)
     check(lambda t: ops.var(t, axis, keepdims, ddof), [x], device,
           lambda a: np.var(a, axis=axis, keepdims=keepdims, ddof=ddof))
@@ -609,9 +613,9 @@ def test_linear_cross_entropy_keeps_small_logits(monkeypatch, chunk_rows, keep_l
     # one chunk of at most KEEP_LOGITS logits is kept for backward (one logits product in all);
     # several chunks, or too many logits, are recomputed in backward (one more product each)
     calls = []
-    real = ops._bmm
-    monkeypatch.setattr(ops, "_bmm", lambda *a: calls.append(a[0].shape) or real(*a))
-    monkeypatch.setattr(ops.LinearCrossEntropy, "KEEP_LOGITS", keep_logits)
+    real = linalg.mm
+    monkeypatch.setattr(losses, "mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(losses.LinearCrossEntropy, "KEEP_LOGITS", keep_logits)
     rng = np.random.default_rng(2)
     x, w = leaf(rng.standard_normal((2, 3, 4)), "cpu"), leaf(rng.standard_normal((5, 4)), "cpu")
     t = rng.integers(0, 5, (2, 3))
@@ -759,8 +763,9 @@ def test_attention_with_dropout(device):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_attention_in_query_blocks(dropout_p):
-    # T >= 128 runs the CPU path in query blocks that skip the masked keys; with grouped heads,
-    # a key/value cache (S > T) and a last block shorter than the others
+    # the reference at the lengths where the float32 CPU fast path works in query blocks
+    # (tests/test_fast.py holds those blocks to this reference): grouped heads, a key/value
+    # cache (S > T), a last block shorter than the others
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((1, 2, 130, 3)), rng.standard_normal((1, 1, 133, 3)), rng.standard_normal((1, 1, 133, 3))
 
@@ -777,7 +782,7 @@ def test_fused_attention_dropout_mask_definition():
     # the NumPy definition of the GPU kernels' attention-dropout mask: splitmix64 of
     # seed + (bh T + i) S + j, kept when its top 24 bits are >= p 2^24; checked against the
     # same hash in Python integers, and for the kept fraction
-    from autograd.kernels import attention_dropout_keep
+    from autograd.fast.cuda.kernels import attention_dropout_keep
 
     def splitmix64(x):
         m = (1 << 64) - 1
@@ -796,6 +801,36 @@ def test_fused_attention_dropout_mask_definition():
     assert abs(big.mean() - 0.8) < 0.006
     assert not np.array_equal(big, attention_dropout_keep(2, 8, 128, 128, 0.2))
     assert attention_dropout_keep(5, 2, 4, 4, 0.0).all()
+
+
+def _np_rope(x, cos, sin, style):
+    a, b = (slice(0, x.shape[-1] // 2), slice(x.shape[-1] // 2, None)) if style == "half" else \
+        (slice(0, None, 2), slice(1, None, 2))
+    y = np.empty_like(x)
+    y[..., a] = x[..., a] * cos - x[..., b] * sin
+    y[..., b] = x[..., b] * cos + x[..., a] * sin
+    return y
+
+
+@grad_test("rope")
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_rope(device, data):
+    T, half = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))
+    x = data.draw(float_arrays(data.draw(shapes(0, 2)) + (T, 2 * half)))
+    angles = data.draw(float_arrays((T, half), -3.0, 3.0))
+    cos, sin = np.cos(angles), np.sin(angles)
+    style = data.draw(st.sampled_from(["half", "interleaved"]))
+    check(lambda t: ops.rope(t, on(device, cos), on(device, sin), style), [x], device,
+          lambda a: _np_rope(a, cos, sin, style))
+
+
+def test_rope_rejects_bad_tables_and_styles():
+    x = leaf(np.ones((2, 3, 4)), "cpu")
+    with pytest.raises(ValueError, match=r"rope: tables of shape \(3, 3\) for input of shape \(2, 3, 4\)"):
+        ops.rope(x, np.ones((3, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="style must be one of"):
+        ops.rope(x, np.ones((3, 2)), np.ones((3, 2)), "spiral")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,53 +17,15 @@ through t - s. Two conventions pair the channels differently:
     "half"        (rotate-half, GPT-NeoX / HF Llama): x1 = x[:D/2], x2 = x[D/2:]
     "interleaved" (the original paper, Meta's Llama code): x1 = x[0::2], x2 = x[1::2]
 
-The cos/sin tables, (context_length, D/2), are computed once and kept as buffers.
+The cos/sin tables, (context_length, D/2), are computed once and kept as buffers; the
+rotation, with its backward and its GPU kernel, is the engine's op `autograd.ops.rope`.
 """
 
 import numpy as np
 
-from autograd import backend, kernels
 from autograd.nn import Module
-from autograd.tensor import Function, Tensor
-
-_PAIRS = {
-    "half": lambda D: (slice(0, D // 2), slice(D // 2, None)),
-    "interleaved": lambda D: (slice(0, None, 2), slice(1, None, 2)),
-}
-
-
-class Rotate(Function):
-    """y = R(t theta) x for x of shape (..., T, D) and tables cos, sin of shape (T, D/2)."""
-
-    def __init__(self, cos, sin, style="half"):
-        self.cos, self.sin, self.style = cos, sin, style
-
-    def _rotate(self, x, sign):
-        # rotation by sign * angle; writes a fresh C-contiguous array
-        if kernels.use(x, self.cos, self.sin):  # on the GPU: the same in one pass
-            return kernels.rope_rotate(x, self.cos, self.sin, sign, self.style == "interleaved")
-        a, b = _PAIRS[self.style](x.shape[-1])
-        x1, x2 = x[..., a], x[..., b]
-        c, s = self.cos, (self.sin if sign > 0 else -self.sin)
-        y = backend.get_array_module(x).empty(x.shape, dtype=x.dtype)
-        y[..., a] = x1 * c - x2 * s
-        y[..., b] = x2 * c + x1 * s
-        return y
-
-    def forward(self, x):
-        return self._rotate(x, +1)
-
-    def backward(self, g):  # the transpose of a rotation is the rotation by -angle
-        return self._rotate(g, -1)
-
-
-def rope(x, cos, sin, style="half"):
-    """Rotate x (..., T, D) by the angles whose cos, sin (T, D/2) are given (raw arrays)."""
-    if x.shape[-1] % 2 or cos.shape != (x.shape[-2], x.shape[-1] // 2) or sin.shape != cos.shape:
-        raise ValueError(f"rope: tables of shape {cos.shape} for input of shape {x.shape}")
-    if style not in _PAIRS:
-        raise ValueError(f"rope: style must be one of {tuple(_PAIRS)}, not {style!r}")
-    return Rotate(cos, sin, style).apply(x)
+from autograd.ops.rope import Rotate, rope  # noqa: F401  (the op itself lives in the engine)
+from autograd.tensor import Tensor
 
 
 def rope_tables(n_positions, head_dim, theta=10000.0):

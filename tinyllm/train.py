@@ -26,16 +26,12 @@ saves last.ckpt and exits; a second Ctrl-C stops at once.
 """
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import math
-import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +41,13 @@ import autograd
 from autograd import amp, backend
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
+from tinyllm import perf
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError, check_match, load_checkpoint, save_checkpoint
 from tinyllm.cli import UsageError, check_choice, check_float, check_int
+from tinyllm.perf import (  # noqa: F401  (the post-training commands import them from here)
+    blas_thread_count, run_slices, set_blas_threads, usable_cores,
+)
 
 
 @dataclass
@@ -281,74 +281,6 @@ def peak_flops_guess(device):
     return None
 
 
-@functools.cache
-def _blas_libraries():
-    """(set, get) thread-count functions of each BLAS library loaded in this process
-    (OpenBLAS or MKL; get may be None), looked up in /proc/self/maps at the first call."""
-    import ctypes
-
-    names = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-             ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-             ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-             ("openblas_set_num_threads", "openblas_get_num_threads"),
-             ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"))
-    paths = set()
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "blas" in line.lower() or "mkl" in line.lower()}
-    except OSError:
-        pass
-    found = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for set_name, get_name in names:
-            if hasattr(lib, set_name):
-                found.append((getattr(lib, set_name), getattr(lib, get_name, None)))
-                break
-    return tuple(found)
-
-
-def set_blas_threads(n):
-    """Set the thread count of the BLAS NumPy uses (OpenBLAS or MKL) at run time; returns
-    True when a library took it. Small models on a busy CPU train faster on 1 thread: idle
-    BLAS threads spin, and on an oversubscribed machine they steal the cores doing the work."""
-    for set_threads, _ in _blas_libraries():
-        set_threads(int(n))
-    return bool(_blas_libraries())
-
-
-def blas_thread_count():
-    """The thread count of the first BLAS library found (None when unknown)."""
-    for _, get_threads in _blas_libraries():
-        if get_threads is not None:
-            return int(get_threads())
-    return None
-
-
-@contextlib.contextmanager
-def blas_threads(n):
-    """Run the block with the BLAS on n threads, then give each library its own count back."""
-    libs = [(s, g) for s, g in _blas_libraries() if g is not None]
-    saved = [int(g()) for _, g in libs]
-    for set_threads, _ in libs:
-        set_threads(int(n))
-    try:
-        yield
-    finally:
-        for (set_threads, _), k in zip(libs, saved):
-            set_threads(k)
-
-
-def usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def shard_count(setting, batch_size, device="cpu", dropout=0.0, threads=None):
     """How many threads share each micro-batch (`data_threads`; see accumulate_grads).
 
@@ -402,23 +334,6 @@ def accumulate_grads(model, params, micro_batches, shards=1, scaler=None):
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item()
     return total
-
-
-@functools.cache
-def _thread_pool(n):
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinyllm-shard")
-
-
-def run_slices(fn, slices):
-    """[fn(*args) for args in slices], the first on this thread and the others at the same
-    time on a pool's threads, with the BLAS on 1 thread meanwhile."""
-    with blas_threads(1):
-        others = [_thread_pool(len(slices) - 1).submit(fn, *a) for a in slices[1:]]
-        try:
-            first = fn(*slices[0])
-        finally:
-            wait(others)  # none outlives the BLAS setting
-        return [first] + [f.result() for f in others]
 
 
 def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
@@ -496,7 +411,7 @@ class Run:
         if cfg.threads and cfg.device == "cpu" and not set_blas_threads(cfg.threads):
             log(cfg, f"note: could not set BLAS threads to {cfg.threads} (unknown BLAS library)")
         if cfg.device == "cpu":
-            backend.reuse_freed_memory()  # each step reuses the last one's pages (~20% faster)
+            perf.reuse_freed_memory()  # each step reuses the last one's pages (~20% faster)
         autograd.manual_seed(cfg.seed)
         if cfg.dtype not in ("float32", "float64") + PRECISIONS:
             raise ValueError(f"dtype must be one of float32, float64, {', '.join(PRECISIONS)}; "

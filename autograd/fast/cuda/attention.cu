@@ -1,0 +1,55 @@
+// Attention a block of queries at a time around cuBLAS products (kernels.attention_forward,
+// attention_backward): the softmax step forward and its gradient backward. OUT_T: the
+// probabilities' dtype (float, __nv_bfloat16 or __half).
+// Reference: autograd/ops/attention.py (Attention).
+// One block per query row: P[j] = exp(s_j * scale - lse) for the keys the row may see, else 0;
+// lse = log sum_j exp(s_j * scale). Row r of the block is query q0 + r % n of its head.
+// With dropout (thr > 0) P is written as dropped and rescaled: P[j] keep_j / (1 - p).
+extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* __restrict__ P,
+        float* __restrict__ lse, int n, int L, int T, int q0, int off, int causal, float scale,
+        unsigned long long seed, unsigned int thr, float inv_keep) {
+    long long r = blockIdx.x;
+    int head = r / n, i = r % n;
+    int limit = causal ? min(L, q0 + i + off + 1) : L;
+    const float* s = S + r * L;
+    OUT_T* p = P + r * L;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, s[j] * scale);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(s[j] * scale - m);
+    float l = m + logf(block_sum(sum));
+    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+        float pj = j < limit ? expf(s[j] * scale - l) : 0.f;
+        if (thr) pj = dropout_keep(seed, head, q0 + i, j, T, T + off, thr) ? pj * inv_keep : 0.f;
+        put(p + j, pj);
+    }
+    if (threadIdx.x == 0) lse[(long long)head * T + q0 + i] = l;
+}
+
+// P = exp(s * scale - lse) (0 where masked) and dS = P * (dP - D) * scale, D = rowsum(dO * O).
+// With dropout, Pd = P keep / (1 - p) is written for dV = Pd^T dO, and dP = dPd keep / (1 - p).
+// Rows along grid.y, columns along grid.x (no per-element integer division).
+extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const float* __restrict__ dP,
+        const float* __restrict__ lse, const float* __restrict__ Drow, OUT_T* __restrict__ P,
+        OUT_T* __restrict__ dS, long long rows, int n, int L, int T, int q0, int off, int causal,
+        float scale, unsigned long long seed, unsigned int thr, float inv_keep) {
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        int head = r / n, i = r % n;
+        long long row = (long long)head * T + q0 + i;
+        float l = lse[row], d = Drow[row];
+        int limit = causal ? min(L, q0 + i + off + 1) : L;
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < L; j += gridDim.x * blockDim.x) {
+            long long idx = r * L + j;
+            float p = j < limit ? expf(S[idx] * scale - l) : 0.f, dp = dP[idx];
+            if (thr) {
+                bool kept = dropout_keep(seed, head, q0 + i, j, T, T + off, thr);
+                put(P + idx, kept ? p * inv_keep : 0.f);
+                dp = kept ? dp * inv_keep : 0.f;
+            } else {
+                put(P + idx, p);
+            }
+            put(dS + idx, p * (dp - d) * scale);
+        }
+    }
+}

@@ -1,0 +1,488 @@
+"""CUDA kernels (CuPy) for the ops that move the most bytes, and the cuBLAS product binding.
+
+The kernels' sources are the .cu files beside this module, compiled by CuPy (NVRTC) at first
+use, once per dtype they are instantiated for; the functions here launch them. The Function
+classes that call them, each a fast path of a reference op, are in paths.py.
+
+- attention, bfloat16/float16 operands (head size 16-64): FlashAttention-2 on tensor cores
+  (flash.cu), scores and probabilities only ever in registers; the backward recomputes them
+  from q, k and the saved log-sum-exp.
+- attention, other cases (float32/TF32, larger heads): a block of queries at a time, so the
+  (T x T) probability matrix never exists whole (cuBLAS does the products, attention.cu each
+  softmax step; the backward recomputes each block from the saved log-sum-exp).
+  The causal upper triangle is skipped in both.
+- cross-entropy (cross_entropy.cu): one read of the logits for the loss (an online max/sum
+  per row), one read and one write for the gradient.
+- RMSNorm and LayerNorm (norm.cu): one kernel forward, one backward (weight gradients summed
+  per block in shared memory, then added atomically).
+- SwiGLU, dropout's mask (elementwise.cu), RoPE (rope.cu): one pass each.
+- grad norm, clipping, AdamW (multi_tensor.cu): one launch over every parameter.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from autograd import amp, backend
+
+_cache = {}
+_HERE = Path(__file__).parent
+
+
+def _cp():
+    return backend.cupy_module()
+
+
+def _source(name):
+    """The text of a .cu file beside this module, after prelude.cu."""
+    return (_HERE / "prelude.cu").read_text() + (_HERE / name).read_text()
+
+
+_CTYPE = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+
+
+def _ctype(dtype):
+    name = np.dtype(dtype).name
+    if name not in _CTYPE:
+        raise TypeError(f"fused kernels support float32, bfloat16 and float16, not {name}")
+    return _CTYPE[name]
+
+
+def _kernel(name, file, **types):
+    """Kernel `name` of `file`, compiled (with OUT_T/IN_T/... replaced by C types) once per
+    type combination."""
+    key = (name, tuple(sorted((k, np.dtype(v).name) for k, v in types.items())))
+    if key not in _cache:
+        code = _source(file)
+        for placeholder, dtype in types.items():
+            code = code.replace(placeholder, _ctype(dtype))
+        _cache[key] = _cp().RawKernel(code, name, options=("-std=c++17",))
+    return _cache[key]
+
+
+# ---- batched matrix products through cuBLAS ----------------------------------------------------
+
+_CUDA_DTYPE = {"float32": 0, "float16": 2, "bfloat16": 14}  # cudaDataType: CUDA_R_32F, _16F, _16BF
+GEMM_DTYPES = frozenset(_CUDA_DTYPE)  # what gemm multiplies (float64 and integers: CuPy's matmul)
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77  # cublasComputeType_t
+_GEMM_DEFAULT = -1
+
+
+def _as_rows(a):
+    """A 3-D view whose rows are contiguous, and its (row stride, batch stride) in elements."""
+    if a.ndim == 2:
+        a = a[None]
+    its = a.itemsize
+    if a.strides[2] != its or (a.shape[1] > 1 and a.strides[1] < a.shape[2] * its) or a.strides[1] % its:
+        a = _cp().ascontiguousarray(a)
+    ld = a.strides[1] // its if a.shape[1] > 1 else a.shape[2]
+    batch_stride = a.strides[0] // its if a.shape[0] > 1 else 0
+    return a, ld, batch_stride
+
+
+def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, accumulate=False):
+    """out[i] = op(a[i]) @ op(b[i]) (or += with accumulate) for batches of row-major matrices.
+
+    a, b: 3-D (batch, rows, cols) or 2-D arrays of one dtype; a batch of 1 broadcasts. The
+    result can be float32 whatever the inputs (bfloat16 products accumulate in float32), which
+    cupy.matmul cannot do. Row-major C = A B is column-major C^T = B^T A^T, so cuBLAS gets
+    the operands swapped.
+    """
+    cp = _cp()
+    from cupy.cuda import cublas
+
+    a, lda, sa = _as_rows(a)
+    b, ldb, sb = _as_rows(b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"gemm: operands of different dtypes {a.dtype} and {b.dtype}")
+    m, k = (a.shape[2], a.shape[1]) if trans_a else (a.shape[1], a.shape[2])
+    k2, n = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
+    if k != k2:
+        raise ValueError(f"gemm: inner dimensions {k} and {k2} differ")
+    batch = max(a.shape[0], b.shape[0])
+    if out is None:
+        out = cp.empty((batch, m, n), dtype=out_dtype)
+        accumulate = False
+    o = out if out.ndim == 3 else out[None]
+    if o.shape != (batch, m, n) or o.strides[2] != o.itemsize:
+        raise ValueError(f"gemm: output of shape {out.shape} for a product of shape {(batch, m, n)}")
+    ldc = o.strides[1] // o.itemsize if m > 1 else n
+    sc = o.strides[0] // o.itemsize if batch > 1 else 0
+    tf32 = a.dtype == np.float32 and amp.precision() == "tf32"
+    alpha = np.array(1.0, np.float32)
+    beta = np.array(1.0 if accumulate else 0.0, np.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.gemmStridedBatchedEx(
+        handle,
+        cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
+        cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N,
+        n, m, k, alpha.ctypes.data,
+        b.data.ptr, _CUDA_DTYPE[b.dtype.name], ldb, sb,
+        a.data.ptr, _CUDA_DTYPE[a.dtype.name], lda, sa,
+        beta.ctypes.data, o.data.ptr, _CUDA_DTYPE[o.dtype.name], ldc, sc,
+        batch, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F, _GEMM_DEFAULT,
+    )
+    return out
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def _grid2(rows, cols, threads=256):
+    """A grid for row-wise elementwise kernels: columns along x, rows (grid-strided) along y."""
+    return (int(min((cols + threads - 1) // threads, 64)), int(min(rows, 65535)))
+
+
+def _attention_blocks(BH, T, S, causal):
+    """Query blocks (q0, n, L): n queries from q0, seeing the first L keys."""
+    # At most ~256 MB of float32 scores per block. Under causal masking each block computes
+    # only the keys up to its last query, so the upper triangle is skipped block by block
+    # (smaller blocks skip more of it but were slower overall: more, smaller products).
+    n = max(16, min(T, (1 << 26) // max(1, BH * S)) // 16 * 16)
+    off = S - T
+    for q0 in range(0, T, n):
+        m = min(n, T - q0)
+        yield q0, m, (min(S, q0 + m + off) if causal else S)
+
+
+def _expand_kv(k, G):
+    """Grouped-query attention: repeat each kv head for the G query heads that share it."""
+    return k if G == 1 else _cp().repeat(k, G, axis=1)
+
+
+def _dropout_args(dropout_p, seed):
+    """(seed, thr, 1 / (1 - p)) for the kernels; thr = 0 turns dropout off."""
+    return np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))), np.float32(1 / (1 - dropout_p))
+
+
+def attention_dropout_keep(seed, BH, T, S, dropout_p):
+    """The fused kernels' attention dropout mask (BH, T, S) in NumPy: element (bh, i, j) is
+    ops.dropout.hash_keep of its index (bh T + i) S + j, as the kernels compute it."""
+    from autograd.ops.dropout import hash_keep
+
+    return hash_keep(np.arange(BH * T * S, dtype=np.uint64), seed, dropout_p).reshape(BH, T, S)
+
+
+def _launch_1d(kernel, n, *args):
+    """A grid-stride launch over n elements."""
+    kernel((int(min((n + 255) // 256, 65535 * 4)) or 1,), (256,), args)
+
+
+def dropout_keep(shape, dropout_p, seed):
+    """A dropout keep mask on the GPU in one pass: ops.dropout.hash_keep of each element's
+    index (C order) and the seed."""
+    keep = _cp().empty(shape, dtype=bool)
+    _launch_1d(_kernel("dropout_keep_mask", "elementwise.cu"), keep.size, keep, np.int64(keep.size),
+               np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))))
+    return keep
+
+
+def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
+    """y (B, Hq, T, D) float32 and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D).
+    With dropout_p > 0 the probabilities are dropped by attention_dropout_keep(seed, ...)."""
+    if flash_supported(q, k):
+        return flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
+    cp = _cp()
+    B, Hq, T, D = q.shape
+    S, G = k.shape[2], Hq // k.shape[1]
+    BH = B * Hq
+    qf = cp.ascontiguousarray(q).reshape(BH, T, D)
+    kf = cp.ascontiguousarray(_expand_kv(k, G)).reshape(BH, S, D)
+    vf = cp.ascontiguousarray(_expand_kv(v, G)).reshape(BH, S, D)
+    y = cp.empty((BH, T, D), np.float32)
+    lse = cp.empty((BH, T), np.float32)
+    fwd = _kernel("attn_softmax_fwd", "attention.cu", OUT_T=q.dtype)
+    for q0, n, L in _attention_blocks(BH, T, S, causal):
+        s = gemm(qf[:, q0:q0 + n], kf[:, :L], trans_b=True)
+        p = cp.empty((BH, n, L), q.dtype)
+        fwd((BH * n,), (256,), (s, p, lse, np.int32(n), np.int32(L), np.int32(T), np.int32(q0),
+                                np.int32(S - T), np.int32(causal), np.float32(scale),
+                                *_dropout_args(dropout_p, seed)))
+        gemm(p, vf[:, :L], out=y[:, q0:q0 + n])
+    return y.reshape(B, Hq, T, D), lse
+
+
+def attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
+    """dq, dk, dv (float32) from the saved q, k, v (any of the three dtypes), y, lse; the same
+    dropout_p and seed as the forward."""
+    if flash_supported(q, k):
+        return flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p, seed)
+    cp = _cp()
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    BH = B * Hq
+    qf = cp.ascontiguousarray(q).reshape(BH, T, D)
+    kf = cp.ascontiguousarray(_expand_kv(k, G)).reshape(BH, S, D)
+    vf = cp.ascontiguousarray(_expand_kv(v, G)).reshape(BH, S, D)
+    g32 = g.reshape(BH, T, D).astype(np.float32, copy=False)
+    drow = (g32 * y.reshape(BH, T, D)).sum(axis=-1)
+    gl = cp.ascontiguousarray(g32.astype(q.dtype, copy=False))
+    dq = cp.empty((BH, T, D), np.float32)
+    dk = cp.zeros((BH, S, D), np.float32)
+    dv = cp.zeros((BH, S, D), np.float32)
+    bwd = _kernel("attn_softmax_bwd", "attention.cu", OUT_T=q.dtype)
+    for q0, n, L in _attention_blocks(BH, T, S, causal):
+        qb, gb = qf[:, q0:q0 + n], gl[:, q0:q0 + n]
+        s = gemm(qb, kf[:, :L], trans_b=True)
+        dp = gemm(gb, vf[:, :L], trans_b=True)
+        p = cp.empty((BH, n, L), q.dtype)
+        ds = cp.empty((BH, n, L), q.dtype)
+        bwd(_grid2(BH * n, L), (256,), (s, dp, lse, drow, p, ds, np.int64(BH * n), np.int32(n),
+                                   np.int32(L), np.int32(T), np.int32(q0), np.int32(S - T),
+                                   np.int32(causal), np.float32(scale), *_dropout_args(dropout_p, seed)))
+        del s, dp
+        gemm(p, gb, trans_a=True, out=dv[:, :L], accumulate=True)   # dV += P^T dO
+        gemm(ds, qb, trans_a=True, out=dk[:, :L], accumulate=True)  # dK += dS^T Q
+        gemm(ds, kf[:, :L], out=dq[:, q0:q0 + n])                   # dQ  = dS K
+    dq = dq.reshape(B, Hq, T, D)
+    dk = dk.reshape(B, Hkv, G, S, D).sum(axis=2) if G > 1 else dk.reshape(B, Hkv, S, D)
+    dv = dv.reshape(B, Hkv, G, S, D).sum(axis=2) if G > 1 else dv.reshape(B, Hkv, S, D)
+    return dq, dk, dv
+
+
+# ---- flash attention on tensor cores (bfloat16 / float16 operands) -----------------------------
+#
+# FlashAttention-2's loops with the warp-level tensor-core instruction mma.sync.m16n8k16
+# (inline PTX: NVRTC compiles it without the CUDA toolkit's mma.h). A block of 4 warps takes 64
+# queries (forward, dQ) or 64 keys (dK, dV); each warp owns 16 of them and keeps their operand
+# fragments and accumulators in registers, while the other side streams through shared memory
+# in tiles of 64 rows (cp.async, two buffers: the next tile loads while this one computes).
+# Scores, probabilities and their gradients live in registers only: nothing of size T x S
+# touches global memory.
+#
+# Fragment layouts of m16n8k16 (lane = 4 g + t): A (16 x 16, row-major) a0 = A[g][2t, 2t+1],
+# a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; B (16 x 8) b0 = B[2t, 2t+1][g],
+# b1 = B[2t+8, 2t+9][g]; C (16 x 8, float) c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
+# A C fragment of scores, rounded to pairs, is the A fragment of the next product (P V).
+# B fragments come from row-major tiles through ldmatrix: as stored for X Y^T (Y's tile is
+# [n][k]), transposed on load (.trans) for X Y (Y's tile is [k][n]).
+# The backward is two kernels (dK dV over query tiles, dQ over key tiles), each recomputing P:
+# more FLOPs than one kernel with atomic dQ, but deterministic and without atomics.
+
+_FLASH_TYPES = {
+    "bfloat16": ("__nv_bfloat16", "bf16",
+                 "__nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); return *reinterpret_cast<u32*>(&v);"),
+    "float16": ("__half", "f16",
+                "__half2 v = __floats2half2_rn(lo, hi); return *reinterpret_cast<u32*>(&v);"),
+}
+
+
+def flash_supported(q, k):
+    """The tensor-core kernels take bfloat16/float16 q, k, v with a head size of 16, 32, 48 or 64
+    (their tiles fit the 48 KB of static shared memory); other cases use the cuBLAS path.
+    TINYLLM_FLASH=0 sends every case to the cuBLAS path (to compare the two)."""
+    return (os.environ.get("TINYLLM_FLASH", "1") != "0" and q.dtype == k.dtype
+            and q.dtype.name in _FLASH_TYPES and q.shape[-1] % 16 == 0 and q.shape[-1] <= 64)
+
+
+def _flash(name, dtype, D):
+    key = ("flash", name, dtype.name, D)
+    if key not in _cache:
+        ctype, mma_t, pack = _FLASH_TYPES[dtype.name]
+        code = (_source("flash.cu").replace("ELEM", ctype).replace("HEAD_DIM", str(D))
+                .replace("MMA_T", mma_t).replace("PACK2_BODY", pack))
+        _cache[key] = _cp().RawKernel(code, name, options=("-std=c++17",))
+    return _cache[key]
+
+
+def _aligned(a):
+    """A C-contiguous array whose data starts on 16 bytes (cp.async copies 16 bytes at a time)."""
+    a = _cp().ascontiguousarray(a)
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
+def _flash_args(q, k):
+    B, Hq, T, D = q.shape
+    return (np.int32(Hq), np.int32(Hq // k.shape[1]), np.int32(T), np.int32(k.shape[2]))
+
+
+def flash_attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
+    """y (B, Hq, T, D) float32 and lse (B*Hq, T) on tensor cores; q, k, v bfloat16 or float16."""
+    cp = _cp()
+    q, k, v = (_aligned(a) for a in (q, k, v))
+    B, Hq, T, D = q.shape
+    y = cp.empty((B, Hq, T, D), np.float32)
+    lse = cp.empty((B * Hq, T), np.float32)
+    _flash("flash_fwd", q.dtype, D)(
+        ((T + 63) // 64, B * Hq), (128,),
+        (q, k, v, y, lse, *_flash_args(q, k), np.int32(causal), np.float32(scale),
+         *_dropout_args(dropout_p, seed)))
+    return y, lse
+
+
+def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
+    """dq, dk, dv (float32) for the saved q, k, v (bfloat16 or float16), y and lse."""
+    cp = _cp()
+    q, k, v = (_aligned(a) for a in (q, k, v))
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = g.reshape(B, Hq, T, D)
+    drow = (g.astype(np.float32, copy=False) * y).sum(axis=-1)  # rowsum(dO * O)
+    gl = _aligned(g.astype(q.dtype))
+    dq = cp.empty((B, Hq, T, D), np.float32)
+    dk = cp.empty((B, Hkv, S, D), np.float32)
+    dv = cp.empty((B, Hkv, S, D), np.float32)
+    args = _flash_args(q, k) + (np.int32(causal), np.float32(scale)) + _dropout_args(dropout_p, seed)
+    _flash("flash_bwd_kv", q.dtype, D)(((S + 63) // 64, B * Hkv), (128,),
+                                        (q, k, v, gl, lse, drow, dk, dv, *args))
+    _flash("flash_bwd_q", q.dtype, D)(((T + 63) // 64, B * Hq), (128,),
+                                       (q, k, v, gl, lse, drow, dq, *args))
+    return dq, dk, dv
+
+
+# ---- cross-entropy ------------------------------------------------------------------------------
+
+def cross_entropy_forward(z, t, ignore_index):
+    """Per-row losses (0 where ignored) and log-sum-exps for logits z (N, V), targets t (N,)."""
+    cp = _cp()
+    z = cp.ascontiguousarray(z)
+    N, V = z.shape
+    t = cp.ascontiguousarray(t.astype(np.int64, copy=False))
+    lse = cp.empty(N, np.float32)
+    loss = cp.empty(N, np.float32)
+    _kernel("ce_fwd", "cross_entropy.cu", IN_T=z.dtype)((N,), (512,), (z, t, lse, loss, np.int32(V), np.int64(ignore_index)))
+    return loss, lse
+
+
+def cross_entropy_backward(z, t, lse, w):
+    cp = _cp()
+    z = cp.ascontiguousarray(z)
+    N, V = z.shape
+    dz = cp.empty_like(z)
+    _kernel("ce_bwd", "cross_entropy.cu", IN_T=z.dtype)(
+        _grid2(N, V), (256,),
+        (z, cp.ascontiguousarray(t.astype(np.int64, copy=False)), lse,
+         cp.ascontiguousarray(w.astype(np.float32, copy=False)), dz, np.int64(N), np.int32(V)))
+    return dz
+
+
+# ---- RMSNorm and LayerNorm ----------------------------------------------------------------------
+
+def _ptr(a):
+    """An array argument, or a null pointer for an absent one."""
+    return np.uint64(0) if a is None else _cp().ascontiguousarray(a)
+
+
+def _rows(x):
+    cp = _cp()
+    x = cp.ascontiguousarray(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def norm_forward(x, w, b, eps, center):
+    """y, mean, rstd for LayerNorm (center=True) or RMSNorm over the last axis (float32)."""
+    cp = _cp()
+    x2 = _rows(x)
+    N, d = x2.shape
+    y = cp.empty_like(x2)
+    mean = cp.empty(N, np.float32)
+    rstd = cp.empty(N, np.float32)
+    threads = 128 if d <= 1024 else 256
+    _kernel("norm_fwd", "norm.cu")((N,), (threads,), (x2, _ptr(w), _ptr(b), y, mean, rstd, np.int32(d),
+                                                      np.float32(eps), np.int32(center)))
+    return y.reshape(x.shape), mean, rstd
+
+
+def norm_backward(g, x, w, mean, rstd, center, want_w, want_b):
+    cp = _cp()
+    g2, x2 = _rows(g), _rows(x)
+    N, d = x2.shape
+    dx = cp.empty_like(x2)
+    dw = cp.zeros(d, np.float32) if want_w else None
+    db = cp.zeros(d, np.float32) if want_b else None
+    blocks = int(min(N, 1024))
+    _kernel("norm_bwd", "norm.cu")((blocks,), (128,), (g2, x2, _ptr(w), mean, rstd, dx, _ptr(dw), _ptr(db),
+                                                        np.int64(N), np.int32(d), np.int32(center)),
+                                    shared_mem=2 * d * 4)
+    return dx.reshape(x.shape), dw, db
+
+
+# ---- elementwise: SwiGLU --------------------------------------------------------------------
+
+def swiglu_forward(a, b):
+    cp = _cp()
+    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
+    y = cp.empty_like(a)
+    _launch_1d(_kernel("swiglu_fwd", "elementwise.cu"), a.size, a, b, y, np.int64(a.size))
+    return y
+
+
+def swiglu_backward(g, a, b):
+    cp = _cp()
+    g, a, b = (cp.ascontiguousarray(x) for x in (g, a, b))
+    ga, gb = cp.empty_like(a), cp.empty_like(b)
+    _launch_1d(_kernel("swiglu_bwd", "elementwise.cu"), a.size, g, a, b, ga, gb, np.int64(a.size))
+    return ga, gb
+
+
+# ---- multi-tensor kernels: one launch over every parameter --------------------------------------
+
+_CHUNK = 1 << 16  # elements per thread block
+
+def _multi(name, operands):
+    """Launch multi-tensor kernel `name` over lists of equally shaped float32 arrays.
+
+    Returns a function taking the kernel's scalar arguments. The address table is built on
+    the host and copied once per call (the arrays' addresses change between steps).
+    """
+    cp = _cp()
+    n = len(operands[0])
+    sizes = np.array([a.size for a in operands[0]], np.int64)
+    counts = (sizes + _CHUNK - 1) // _CHUNK
+    arr = np.repeat(np.arange(n, dtype=np.int32), counts)
+    start = np.concatenate([np.arange(c, dtype=np.int64) * _CHUNK for c in counts])
+    ptrs = np.array([a.data.ptr for arrays in operands for a in arrays], np.uint64)
+    host = np.concatenate([ptrs.view(np.int64), sizes, start, arr.astype(np.int64)])
+    dev = cp.asarray(host)
+    d_ptrs = dev[: ptrs.size]
+    d_size = dev[ptrs.size: ptrs.size + n]
+    d_start = dev[ptrs.size + n: ptrs.size + n + start.size]
+    d_arr = dev[ptrs.size + n + start.size:].astype(np.int32)
+    kernel = _kernel(name, "multi_tensor.cu")
+
+    def launch(*scalars):
+        kernel((int(arr.size),), (512,), (d_ptrs, d_size, d_arr, d_start) + scalars)
+
+    return launch
+
+
+def sum_of_squares(arrays):
+    """sum over the float32 arrays of sum(a * a), as a 1-element float32 GPU array."""
+    out = _cp().zeros(1, np.float32)
+    _multi("multi_sumsq", [[_cp().ascontiguousarray(a) for a in arrays]])(out)
+    return out
+
+
+def scale_(arrays, scale):
+    """Multiply every (contiguous float32) array by `scale` in place, in one launch."""
+    _multi("multi_scale", [arrays])(np.float32(scale))
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+               bias_c1, bias_c2):
+    """One AdamW update of every parameter (in place), in one launch; float32, contiguous."""
+    _multi("multi_adamw", [params, grads, exp_avgs, exp_avg_sqs])(
+        np.int32(len(params)), np.float32(lr), np.float32(weight_decay), np.float32(beta1),
+        np.float32(beta2), np.float32(eps), np.float32(bias_c1), np.float32(bias_c2))
+
+
+def rope_rotate(x, cos, sin, sign, interleaved):
+    """Rotate the pairs of the last axis of x (..., T, D) by sign * angle, in one pass.
+
+    cos, sin: (T, D/2) tables. The pair of element j is (j, j + D/2) in the rotate-half
+    convention, (2i, 2i + 1) interleaved.
+    """
+    cp = _cp()
+    x = cp.ascontiguousarray(x)
+    T, D = x.shape[-2], x.shape[-1]
+    cos = cp.ascontiguousarray(cos, dtype=x.dtype)
+    sin = cp.ascontiguousarray(sin, dtype=x.dtype)
+    y = cp.empty_like(x)
+    rows = x.size // D
+    per_block = max(1, 256 // (D // 2))
+    grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)
+    _kernel("rope_rotate", "rope.cu", IN_T=x.dtype)(
+        grid, (D // 2, per_block), (x, cos, sin, y, np.int64(rows), np.int32(T), np.int32(D),
+                                     np.int32(bool(interleaved)), np.float32(sign)))
+    return y

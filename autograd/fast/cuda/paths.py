@@ -1,0 +1,111 @@
+"""CUDA fast paths: each class is a reference op of autograd/ops/ (its base class) computed
+by the kernels of kernels.py, registered for float32 CuPy inputs. Attention also runs its
+bfloat16/float16 products this way under a low-precision mode (amp), on tensor cores.
+tests/test_fast.py holds each to its reference (run on a GPU by scripts/gpu-check.sh).
+"""
+
+
+from autograd import amp, backend, fast
+from autograd.fast import FastPath
+from autograd.fast.cuda import kernels
+from autograd.ops.activations import SwiGLU
+from autograd.ops.attention import Attention
+from autograd.ops.dropout import Dropout
+from autograd.ops.losses import CrossEntropy, LinearCrossEntropy
+from autograd.ops.norm import LayerNorm, RMSNorm
+from autograd.ops.rope import Rotate
+
+
+@fast.register("cuda", "float32")
+class AttentionCUDA(FastPath, Attention):
+    """P is never stored whole: the forward keeps y and the log-sum-exp of each row, the
+    backward recomputes P from them (FlashAttention's scheme). Dropout's mask is a hash of
+    (seed, element), recomputed too; the seed comes from the CPU generator (no device sync,
+    and a checkpoint's generator state fixes it)."""
+
+    def forward(self, q, k, v):
+        self.seed = int(backend.rng("cpu").integers(1 << 63)) if self.dropout_p > 0 else 0
+        self.q, self.k, self.v = amp.low(q), amp.low(k), amp.low(v)
+        self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale,
+                                                     self.dropout_p, self.seed)
+        return self.y
+
+    def backward(self, g):
+        return kernels.attention_backward(self.q, self.k, self.v, self.y, self.lse, g,
+                                          self.causal, self.scale, self.dropout_p, self.seed)
+
+
+def _ce_rows(z, t):
+    return kernels.cross_entropy_forward(z, t, -1)
+
+
+@fast.register("cuda", "float32")
+class CrossEntropyCUDA(FastPath, CrossEntropy):
+    rows = staticmethod(_ce_rows)
+    row_grads = staticmethod(kernels.cross_entropy_backward)
+
+
+@fast.register("cuda", "float32")
+class LinearCrossEntropyCUDA(FastPath, LinearCrossEntropy):
+    rows = staticmethod(_ce_rows)
+    row_grads = staticmethod(kernels.cross_entropy_backward)
+
+
+@fast.register("cuda", "float32")
+class LayerNormCUDA(FastPath, LayerNorm):
+    """One kernel each way; backward recomputes xhat from x and the saved mean and 1/std."""
+
+    def forward(self, x, w=None, b=None):
+        self.x, self.w = x, w
+        y, self.mean, self.rstd = kernels.norm_forward(x, w, b, self.eps, center=True)
+        return y
+
+    def backward(self, g):
+        gx, gw, gb = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, True,
+                                           self.w is not None, len(self.needs_grad) > 2)
+        return (gx, gw, gb)[: len(self.needs_grad)]
+
+
+@fast.register("cuda", "float32")
+class RMSNormCUDA(FastPath, RMSNorm):
+    def forward(self, x, w=None):
+        self.x, self.w = x, w
+        y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
+        return y
+
+    def backward(self, g):
+        gx, gw, _ = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, False,
+                                          self.w is not None, False)
+        return gx, gw
+
+
+@fast.register("cuda", "float32")
+class SwiGLUCUDA(FastPath, SwiGLU):
+    @classmethod
+    def supports(cls, a, b):
+        return a.shape == b.shape  # the kernels do not broadcast
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return kernels.swiglu_forward(a, b)
+
+    def backward(self, g):
+        return kernels.swiglu_backward(g, self.a, self.b)
+
+
+@fast.register("cuda", "float32")
+class RotateCUDA(FastPath, Rotate):
+    def rotate(self, x, sign):
+        return kernels.rope_rotate(x, self.cos, self.sin, sign, self.style == "interleaved")
+
+
+def _keep_mask_kernel(shape, p, like):
+    """ops.dropout.keep_mask on the GPU in one kernel: the same seed draw, the same hash."""
+    return kernels.dropout_keep(shape, p, int(backend.rng("cpu").integers(1 << 63)))
+
+
+@fast.register("cuda", "float32")
+class DropoutCUDA(FastPath, Dropout):
+    keep_mask = staticmethod(_keep_mask_kernel)
+
+
