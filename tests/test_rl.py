@@ -210,6 +210,19 @@ def test_rollout_logps_equal_a_teacher_forced_forward_at_the_same_temperature(ti
         assert again.tokens == ro.tokens
 
 
+def test_sampled_logp_and_entropy_equal_the_plain_formulas():
+    from tinyllm.rl import _sampled_logp_and_entropy
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 11)) * 4
+    tokens = rng.integers(0, 11, 5)
+    for T in (0.5, 1.0, 1.7):
+        p = np.exp(z / T) / np.exp(z / T).sum(-1, keepdims=True)
+        chosen, entropy = _sampled_logp_and_entropy(z, tokens, T)
+        np.testing.assert_allclose(chosen, np.log(p[np.arange(5), tokens]), rtol=1e-12)
+        np.testing.assert_allclose(entropy, -(p * np.log(p)).sum(-1), rtol=1e-12)
+
+
 def test_rewards_of_tasks_and_of_user_functions():
     add = task_reward("add")
     assert add("What is 2 + 3?", " 5 ", answer="5") == 1.0

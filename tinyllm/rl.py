@@ -242,10 +242,17 @@ class Rollouts:
         return sum(len(t) for t in self.tokens)
 
 
-def _log_softmax(z):
-    m = z.max(axis=-1, keepdims=True)
-    s = z - m
-    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
+def _sampled_logp_and_entropy(z, tokens, temperature):
+    """log softmax(z / T)[token] of each row and the entropy of softmax(z / T), from one
+    exponential of the (rows, vocab) logits: with s = z / T - max, p = e^s / Z,
+    log p[t] = s[t] - log Z and H = -sum p log p = log Z - sum(e^s s) / Z."""
+    s = z / temperature
+    s -= s.max(axis=-1, keepdims=True)
+    e = np.exp(s)
+    Z = e.sum(axis=-1)
+    log_Z = np.log(Z)
+    chosen = s[np.arange(len(s)), tokens] - log_Z
+    return chosen, log_Z - (e * s).sum(axis=-1) / Z
 
 
 def rollout(model, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_k=None,
@@ -277,14 +284,12 @@ def rollout(model, prompt_ids, group_size, max_new_tokens, temperature=1.0, top_
                              seed=seed + [k], overflow="error")
         for nxt, z in steps:
             positions += len(rows)
-            logp = _log_softmax(z / temperature)
             live = np.flatnonzero(~done)
-            ent = -(np.exp(logp[live]) * np.where(np.isfinite(logp[live]), logp[live], 0)).sum(-1)
+            chosen, ent = _sampled_logp_and_entropy(z[live], nxt[live], temperature)
             ent_sum, ent_n = ent_sum + float(ent.sum()), ent_n + len(live)
-            for r in live:
-                t = int(nxt[r])
+            for r, t, logp in zip(live.tolist(), nxt[live].tolist(), chosen.tolist()):
                 out[r].append(t)
-                lp[r].append(float(logp[r, t]))
+                lp[r].append(logp)
                 if t in stops:
                     done[r] = True
                     finished[rows[r]] = True
