@@ -1082,17 +1082,25 @@ def _parse_value(v):
 
 
 def cmd_train(args):
+    from tinyllm import parallel
+
     cfg = validate_train(config_from_args(args))
-    if cfg.init_from and not args.resume and not Path(cfg.init_from).exists():
-        raise UsageError(f"--init-from {cfg.init_from}: no such run folder or checkpoint")
-    check_run_folder(cfg.out or default_out(cfg), resume=bool(args.resume),
-                     overwrite=args.overwrite)
-    run, summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    parallel.check(args, cfg.batch_size)
+    if not parallel.is_worker(args):  # the launcher checked these before starting workers
+        if cfg.init_from and not args.resume and not Path(cfg.init_from).exists():
+            raise UsageError(f"--init-from {cfg.init_from}: no such run folder or checkpoint")
+        check_run_folder(cfg.out or default_out(cfg), resume=bool(args.resume),
+                         overwrite=args.overwrite)
+        if args.gpus:
+            return parallel.launch(args, "train")
+    with parallel.worker(args, cfg, "train") as group:
+        run, summary = train(cfg, resume=args.resume, overwrite=args.overwrite, group=group,
+                             zero1=args.zero1)
     if summary["diverged"]:
         return 1
     if summary["interrupted"]:
         return 130
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and run.is_main:
         t0 = time.perf_counter()
         text = run.sample(cfg.sample_tokens, cfg.prompt, cfg.temperature, cfg.top_k, cfg.seed)
         print(f"\n--- sample ({cfg.sample_tokens} tokens, temperature {cfg.temperature}, "
@@ -1185,5 +1193,8 @@ def register(subparsers):
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
+    from tinyllm import parallel
+
+    parallel.add_arguments(p)
     p.set_defaults(func=cmd_train)
     return p
