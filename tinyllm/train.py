@@ -552,6 +552,9 @@ class Run:
             self.optimizer = self.dp.optimizer
         elif zero1:
             raise ValueError("zero1 shards the optimizer over data-parallel ranks: give a group")
+        if self.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
+            autograd.manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, self.step])
+                                     .generate_state(1)[0]))
 
     # ---- data: what a kind of run overrides ----------------------------------------------------
     def default_out(self):
