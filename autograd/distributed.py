@@ -365,6 +365,8 @@ class NcclGroup(Group):
         self.device.use()  # this thread's CUDA calls on this rank's GPU
         while not self._closed:
             time.sleep(0.5)
+            if self._closed:
+                break
             now = time.monotonic()
             with self._lock:
                 self._pending = [e for e in self._pending if e[2] is None or not e[2].done]
@@ -456,8 +458,21 @@ class NcclGroup(Group):
         if self._closed:
             return
         self.cp.cuda.get_current_stream().synchronize()
-        self._closed = True
+        self._stop_watchdog()
         self.comm.destroy()
+
+    def abort(self):
+        """Free the communicator at once, without waiting for the collectives in flight (this
+        rank is failing: waiting could hang on peers that wait for it)."""
+        if self._closed:
+            return
+        self._stop_watchdog()
+        self.comm.abort()
+
+    def _stop_watchdog(self):
+        self._closed = True
+        if self._watchdog is not threading.current_thread():
+            self._watchdog.join()
 
 
 # ---- data parallelism over a group --------------------------------------------------------------

@@ -361,6 +361,28 @@ def test_a_rank_that_fails_in_training_stops_the_others(tmp_path, corpus):
     assert time.perf_counter() - t0 < 30
 
 
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, corpus):
+    cfg = config(tmp_path / "run", corpus, steps=50, eval_every=50, log_every=50)
+
+    def make(g, zero1):
+        run = Run(cfg, group=g, zero1=zero1)
+        if g.rank == 1:
+            step = run.train_step
+
+            def interrupted_after_step_2():
+                out = step()
+                if run.step == 2:
+                    run._stop["flag"] = True  # what Ctrl-C does on this rank only
+                return out
+            run.train_step = interrupted_after_step_2
+        return run
+
+    runs = run_ranks(2, make, zero1=True)
+    assert [run.step for run in runs] == [3, 3]  # the next sum over the ranks carried it
+    meta, _ = load_checkpoint(tmp_path / "run" / "last.ckpt")  # saved, moments gathered
+    assert meta["step"] == 3
+
+
 def test_a_batch_smaller_than_the_ranks_is_refused(tmp_path, corpus):
     cfg = config(tmp_path / "run", corpus, batch_size=2)
     with pytest.raises(PeerError, match="batch_size 2 is smaller than the 3 ranks"):

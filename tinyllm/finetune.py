@@ -273,6 +273,7 @@ class FinetuneRun(Run):
     weights are loaded later by Run); LoRA wraps it when asked."""
 
     verb = "fine-tuning"  # how describe_model names the job
+    every_target_counts = False  # chat data masks the prompts' targets
     expects_chat_model = False  # True: say so when --from has no chat tokens (not an SFT model)
 
     def default_out(self):

@@ -164,5 +164,9 @@ def worker(args, cfg, command):
     except distributed.PeerError as e:
         print(f"tinyllm {command} (rank {rank}): {e}", file=sys.stderr, flush=True)
         raise SystemExit(distributed.EXIT_PEER) from None
-    yield group
+    try:
+        yield group
+    except BaseException:
+        group.abort()  # a clean close would wait on the other ranks, which wait on this one
+        raise
     group.close()

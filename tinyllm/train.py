@@ -498,6 +498,7 @@ class Run:
     """Everything a training run holds; `train(cfg)` builds one and calls `fit()`."""
 
     command = "train"  # the subcommand that resumes it
+    every_target_counts = True  # no masked targets: a micro-batch's count is its rows x T
     perplexity = True  # the validation loss is a cross-entropy: its exp is worth a column
     val_metrics = {}  # more figures of the last evaluate(), for its log line and record
 
@@ -700,15 +701,27 @@ class Run:
     # ---- data parallelism ------------------------------------------------------------------------
     def sum_over_ranks(self, values):
         """The numbers `values` summed over the data-parallel ranks (as they are in one process),
-        a float64 NumPy array. A collective: every rank calls it at the same point."""
-        return self.dp.sum(values) if self.dp else np.array(values, dtype=np.float64)
+        a float64 NumPy array. A collective: every rank calls it at the same point. Each sum
+        also carries every rank's Ctrl-C (see fit), so the ranks agree on when to stop."""
+        if not self.dp:
+            return np.array(values, dtype=np.float64)
+        stop = getattr(self, "_stop", None)
+        sums = self.dp.sum(list(values) + [bool(stop and stop["flag"])])
+        if stop is not None and sums[-1]:
+            stop["agreed"] = True
+        return sums[:-1]
 
-    def loss_weights(self, counts):
-        """The loss weight of each of this rank's micro-batch shares, from their numbers of
-        counted targets: the share's part of the whole micro-batch's targets (summed over the
-        ranks) over the number of micro-batches, so the weighted losses of all ranks add up to
-        the mean over micro-batches of each one's mean loss (1 / grad_accum in one process)."""
-        totals = self.sum_over_ranks(counts)
+    def loss_weights(self, counts, micro):
+        """The loss weight of each of this rank's micro-batch shares (x, y) in `micro`, from
+        their numbers of counted targets `counts`: the share's part of the whole micro-batch's
+        targets over the number of micro-batches, so the weighted losses of all ranks add up
+        to the mean over micro-batches of each one's mean loss (1 / grad_accum in one
+        process). The whole micro-batch's count is summed over the ranks, unless every target
+        counts (then it is batch_size x T, with no exchange)."""
+        if self.dp and self.every_target_counts:
+            totals = [self.cfg.batch_size * y.shape[1] for _, y in micro]
+        else:
+            totals = self.sum_over_ranks(counts)
         m = len(counts)
         return [c / t / m if t else 1.0 / m for c, t in zip(counts, totals)]
 
@@ -755,7 +768,7 @@ class Run:
         counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
         self.tokens_seen += sum(x.size for x, _ in micro)
         self.targets_seen = getattr(self, "targets_seen", 0) + sum(counts)
-        weights = self.loss_weights(counts)
+        weights = self.loss_weights(counts, micro)
         micro = [tuple(self._dev(a) for a in xy) for xy in micro]
         loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler, weights)
         loss = float(self.sum_over_ranks([loss])[0])
@@ -807,7 +820,11 @@ class Run:
         log(cfg, f"training {cfg.steps} steps of {self.batch_summary} on "
                  f"{where}{self._threads_note()}; run folder {self.run_dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
-        stop = {"flag": False}
+        # flag: Ctrl-C here; agreed: on some rank, as the last sum over the ranks said
+        stop = self._stop = {"flag": False, "agreed": False}
+
+        def stopped():
+            return stop["agreed"] if self.dp else stop["flag"]
         diverged = None
 
         def on_sigint(signum, frame):
@@ -832,11 +849,9 @@ class Run:
                 metrics.flush()
 
             try:
-                while self.step < cfg.steps and not stop["flag"]:
+                while self.step < cfg.steps and not stopped():
                     loss, lr, norm = self.train_step()
                     loss_sum += loss
-                    if self.dp:  # stop together: a rank that stopped alone would hang the others
-                        stop["flag"] = bool(self.sum_over_ranks([stop["flag"]])[0])
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         loss = loss_sum / (self.step - step_last)  # mean since the last line
                         loss_sum = 0.0
@@ -905,7 +920,7 @@ class Run:
             print(f"tinyllm {self.command}: stopped: {diverged}; the last good checkpoint is "
                   f"{self.run_dir / good[-1] if good else 'none (no evaluation yet)'}; try a lower "
                   f"learning rate (--lr) or a longer warmup", file=sys.stderr, flush=True)
-        elif stop["flag"]:
+        elif stopped():
             path = self.save("last.ckpt")  # every rank: under ZeRO-1 a collective
             log(cfg, f"interrupted at step {self.step}; saved {path}; continue with: "
                      f"tinyllm {self.command} --resume {self.run_dir}")
@@ -913,7 +928,7 @@ class Run:
             log(cfg, f"done: {self.step} steps in {fmt_time(elapsed)} ({elapsed:.1f}s); best val "
                      f"loss {self.best_val:.4f}; checkpoints in {self.run_dir}")
         return {"step": self.step, "best_val": self.best_val, "elapsed_s": elapsed,
-                "interrupted": stop["flag"], "diverged": diverged}
+                "interrupted": stopped(), "diverged": diverged}
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, n_tokens, prompt="", temperature=0.8, top_k=40, seed=0):
