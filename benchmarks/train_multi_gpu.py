@@ -149,7 +149,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the data-parallel runs")
     p.add_argument("--batch", type=int, default=32, help="global batch (sequences of 1024)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--measure-from", type=int, default=10, help="steps before timing starts")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-multi-gpu",

@@ -340,6 +340,19 @@ def test_resume_at_another_number_of_ranks_continues_the_run(tmp_path, corpus, f
     assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
 
 
+def test_resume_on_another_device(tmp_path, corpus):
+    # with --gpus each rank resumes on its own GPU ("cuda:1", ...): the device the checkpoint
+    # names is where its weights were, not a setting that must match
+    from tinyllm.checkpoint import save_checkpoint
+
+    fit_single(config(tmp_path / "run", corpus, steps=3))
+    path = tmp_path / "run" / "last.ckpt"
+    meta, arrays = load_checkpoint(path)
+    meta["model_config"]["device"] = "cuda:1"
+    save_checkpoint(path, meta, arrays)
+    assert fit_single(config(tmp_path / "run", corpus, steps=6), resume=path).step == 6
+
+
 def test_a_rank_that_fails_in_training_stops_the_others(tmp_path, corpus):
     cfg = config(tmp_path / "run", corpus, steps=50)
 

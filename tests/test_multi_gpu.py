@@ -154,9 +154,13 @@ def test_two_gpus_train_like_one_on_the_same_batch(tmp_path, corpus):
 
 
 def test_resume_on_another_number_of_gpus(tmp_path, corpus):
-    tinyllm(tmp_path, corpus, "full")
-    tinyllm(tmp_path, corpus, "part", "--steps", "3", "--gpus", "2", "--zero1")
-    tinyllm(tmp_path, corpus, "part", "--resume", str(tmp_path / "part"))  # one GPU now
+    every = ["--eval-every", "2"]
+    tinyllm(tmp_path, corpus, "full", *every)
+    tinyllm(tmp_path, corpus, "part", *every, "--steps", "2", "--gpus", "2", "--zero1")
+    resume = ["--resume", str(tmp_path / "part")]
+    tinyllm(tmp_path, corpus, "part", *every, "--steps", "4", *resume)  # one GPU
+    tinyllm(tmp_path, corpus, "part", *every, *resume, "--gpus", "2")  # two again, to step 6
+    assert load_checkpoint(tmp_path / "part" / "last.ckpt")[0]["step"] == 6
     assert_same(checkpoint_arrays(tmp_path / "full" / "last.ckpt"),
                 checkpoint_arrays(tmp_path / "part" / "last.ckpt"))
 

@@ -681,7 +681,10 @@ class Run:
 
     def _restore(self, ckpt):
         path, meta, arrays = ckpt["path"], ckpt["meta"], ckpt["arrays"]
-        check_match(path, "model config", meta["model_config"], self.model.config.to_dict())
+        # the device is where the weights live, not what they are: a run resumes on another
+        # device, and with --gpus each rank's is its own GPU
+        check_match(path, "model config", meta["model_config"],
+                    dict(self.model.config.to_dict(), device=meta["model_config"].get("device")))
         fp = data_mod.tokenizer_fingerprint(self.tokenizer)
         if meta["tokenizer_sha256"] != fp:
             raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
