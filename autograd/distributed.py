@@ -37,6 +37,7 @@ from autograd.optim import AdamW, grad_norm
 from autograd.tensor import Tensor
 
 DEFAULT_TIMEOUT = float(os.environ.get("TINYLLM_DIST_TIMEOUT", 600))  # seconds per collective
+JOIN_TIMEOUT = 300.0  # seconds, at least, for every rank to start and join (imports, NCCL setup)
 EXIT_PEER = 3  # the exit code of a process whose collective timed out or failed
 OPS = ("sum", "avg")
 
@@ -319,21 +320,23 @@ class NcclGroup(Group):
 
     Collectives run on the current CUDA stream, in order with the kernels around them, and
     return without waiting. A watchdog thread checks each one finishes within `timeout`
-    seconds and asks NCCL for asynchronous errors; on either it prints one line and exits the
-    process (code EXIT_PEER): a GPU kernel waiting on a dead peer cannot be interrupted."""
+    seconds (joining: at least JOIN_TIMEOUT) and asks NCCL for asynchronous errors; on either
+    it prints one line and exits the process (code EXIT_PEER): a GPU kernel waiting on a dead
+    peer cannot be interrupted."""
 
     def __init__(self, rank, world_size, addr="127.0.0.1", port=29500, timeout=DEFAULT_TIMEOUT):
         self.cp = backend.cupy_module()
         self.nccl = nccl_module()
         self.rank, self.world_size, self.timeout = int(rank), int(world_size), float(timeout)
         self.device = self.cp.cuda.Device()
-        self._pending = []  # (what, start time, CUDA event or None while a host call runs)
+        self._pending = []  # (what, seconds allowed, deadline, CUDA event or None: a host call)
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = threading.Thread(target=self._watch, daemon=True, name="nccl-watchdog")
         self._watchdog.start()
-        uid = rendezvous(self.rank, self.world_size, addr, port, self.nccl.get_unique_id, timeout)
-        entry = self._begin("joining the NCCL group")
+        join = max(self.timeout, JOIN_TIMEOUT)
+        uid = rendezvous(self.rank, self.world_size, addr, port, self.nccl.get_unique_id, join)
+        entry = self._begin("joining the NCCL group", limit=join)
         self.comm = self.nccl.NcclCommunicator(self.world_size, uid, self.rank)
         self._end(entry)
 
@@ -345,8 +348,9 @@ class NcclGroup(Group):
                    int(env.get("MASTER_PORT", 29500)), timeout)
 
     # ---- the watchdog ----------------------------------------------------------------------------
-    def _begin(self, what, event=None):
-        entry = (what, time.monotonic(), event)
+    def _begin(self, what, event=None, limit=None):
+        limit = limit or self.timeout
+        entry = (what, limit, time.monotonic() + limit, event)
         with self._lock:
             self._pending.append(entry)
         return entry
@@ -369,16 +373,16 @@ class NcclGroup(Group):
                 break
             now = time.monotonic()
             with self._lock:
-                self._pending = [e for e in self._pending if e[2] is None or not e[2].done]
-                late = [e for e in self._pending if now - e[1] > self.timeout]
+                self._pending = [e for e in self._pending if e[3] is None or not e[3].done]
+                late = [e for e in self._pending if now > e[2]]
             error = None
             if late:
-                error = (f"{late[0][0]} did not finish in {self.timeout:g} s: another rank "
+                error = (f"{late[0][0]} did not finish in {late[0][1]:g} s: another rank "
                          "stopped or hangs")
             elif getattr(self, "comm", None) is not None:
                 try:
                     self.comm.check_async_error()
-                except Exception as e:  # an NCCL error on the GPU side (a broken peer link)
+                except self.nccl.NcclError as e:  # on the GPU side (a broken peer link)
                     error = f"NCCL error: {e}"
             if error and not self._closed:
                 print(f"rank {self.rank}: {error}; exiting", file=sys.stderr, flush=True)
@@ -467,7 +471,10 @@ class NcclGroup(Group):
         if self._closed:
             return
         self._stop_watchdog()
-        self.comm.abort()
+        try:
+            self.comm.abort()
+        except Exception:  # noqa: BLE001 (an NCCL without ncclCommAbort: the exit frees it)
+            pass
 
     def _stop_watchdog(self):
         self._closed = True
