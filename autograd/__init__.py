@@ -9,8 +9,9 @@
 
 It knows nothing of language models: Tensor and the graph walk (tensor.py), the ops with their
 backward (ops.py), array backends (backend.py), building blocks (nn.py), optimizers and
-learning-rate schedules (optim.py), activation checkpointing (checkpoint.py), and gradient
-checking (gradcheck.py, testing.py).
+learning-rate schedules (optim.py), activation checkpointing (checkpoint.py), gradient
+checking (gradcheck.py, testing.py), and data parallelism over devices (distributed.py: NCCL
+collectives, bucketed gradient sums, ZeRO-1; imported on its own).
 """
 
 from autograd import backend

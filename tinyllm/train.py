@@ -834,8 +834,9 @@ class Run:
             if stop["flag"]:
                 raise KeyboardInterrupt
             stop["flag"] = True
-            print("\nCtrl-C: finishing this step and saving (press again to quit at once)",
-                  file=sys.stderr, flush=True)
+            if self.is_main:
+                print("\nCtrl-C: finishing this step and saving (press again to quit at once)",
+                      file=sys.stderr, flush=True)
 
         old_handler = None
         try:
