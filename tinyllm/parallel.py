@@ -71,11 +71,11 @@ def check(args, batch_size):
         return
     try:
         count = backend.cupy_module().cuda.runtime.getDeviceCount()
+        if gpus > count:
+            raise UsageError(f"--gpus {gpus}: this host has {count} GPU{'s' if count != 1 else ''}")
         distributed.nccl_module()
     except RuntimeError as e:
         raise UsageError(f"--gpus {gpus}: {e}") from None
-    if gpus > count:
-        raise UsageError(f"--gpus {gpus}: this host has {count} GPU{'s' if count != 1 else ''}")
 
 
 def _free_port():
