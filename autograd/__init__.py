@@ -11,8 +11,9 @@ It knows nothing of language models: Tensor and the graph walk (tensor.py), the 
 with their backward (ops/, one module per family), their tuned implementations (fast/: CPU
 code and CUDA kernels, each checked against its reference), mixed precision (amp.py), array
 backends (backend.py), building blocks (nn.py), optimizers and learning-rate schedules
-(optim.py), activation checkpointing (checkpoint.py), and gradient checking (gradcheck.py,
-testing.py).
+(optim.py), activation checkpointing (checkpoint.py), gradient checking (gradcheck.py, testing.py), and data
+parallelism over devices (distributed.py: NCCL collectives, bucketed gradient sums, ZeRO-1;
+imported on its own).
 """
 
 from autograd import backend

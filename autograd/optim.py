@@ -281,15 +281,16 @@ def grad_norm(params):
     return 0.0 if total is None else math.sqrt(float(total))
 
 
-def clip_grad_norm(params, max_norm):
+def clip_grad_norm(params, max_norm, norm=None):
     """Scale all gradients together so their global L2 norm is at most `max_norm`.
 
     Returns the norm before clipping. As in PyTorch, the scale is max_norm / (norm + 1e-6)
     when that is below 1. A non-finite norm leaves the gradients untouched (the caller sees
-    the inf/nan it returns and decides).
+    the inf/nan it returns and decides). `norm`: the norm when the caller knows it already
+    (e.g. summed over the ranks of data-parallel training, each holding a slice).
     """
     params = [p for p in params if p.grad is not None]
-    total = grad_norm(params)
+    total = grad_norm(params) if norm is None else norm
     if math.isfinite(total):
         scale = max_norm / (total + 1e-6)
         if scale < 1:

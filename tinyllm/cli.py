@@ -167,7 +167,10 @@ def main(argv=None):
     command = None
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus runs again
         command = args.command
+        if getattr(args, "gpus", None) and "RANK" in os.environ:  # a worker of --gpus
+            command = f"{command} (rank {os.environ['RANK']})"
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

@@ -392,11 +392,20 @@ class Batches:
         first = (k * B + np.arange(B)) * self.block_size
         return first % self.n_starts
 
-    def get(self, k):
-        windows = np.asarray(self.tokens[self.starts(k)[:, None] + self._offsets], dtype=np.int64)
+    def get(self, k, rows=slice(None)):
+        """Batch k, or only its `rows` (a slice: one rank's share, see shard_rows)."""
+        windows = np.asarray(self.tokens[self.starts(k)[rows, None] + self._offsets],
+                             dtype=np.int64)
         return windows[:, :-1], windows[:, 1:]
 
     __getitem__ = get
+
+
+def shard_rows(n, rank, world_size):
+    """The rows of a batch of `n` that rank `rank` of `world_size` trains on (data parallelism):
+    a contiguous slice; the ranks' slices, in rank order, cover the batch once, and their
+    sizes differ by at most one."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 def eval_windows(tokens, block_size, max_windows):

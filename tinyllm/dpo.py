@@ -34,7 +34,7 @@ import numpy as np
 
 import autograd
 from autograd import backend
-from tinyllm import chat, finetune, posttrain, preference
+from tinyllm import chat, finetune, parallel, posttrain, preference
 from tinyllm.atomic import atomic_write
 from tinyllm.checkpoint import CheckpointError
 from tinyllm.cli import UsageError, check_choice, check_float, nonnegative_float, positive_float
@@ -272,8 +272,9 @@ class DPORun(FinetuneRun):
                                             threads)
         self.ref_val = reference_logprobs(model, self.val_pairs, cfg.batch_size, self.pad_id,
                                           threads)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_reference(path, key, self.ref_train, self.ref_val)
+        if self.is_main:  # every rank computed the same; rank 0 writes it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_reference(path, key, self.ref_train, self.ref_val)
         log(cfg, f"reference log-probabilities of {len(self.train_pairs) + len(self.val_pairs):,} "
                  f"pairs computed in {time.perf_counter() - t0:.1f}s, saved to {path}")
 
@@ -293,11 +294,12 @@ class DPORun(FinetuneRun):
 
     # ---- batches and the loss ------------------------------------------------------------------
     def micro_batch(self, k):
-        """Indices of the B training pairs of micro-batch k, drawn by a generator seeded with
-        (seed, k): a pure function of k, so a resumed run draws the same batches."""
+        """Indices of this rank's training pairs of micro-batch k (all B in one process),
+        drawn by a generator seeded with (seed, k): a pure function of k, so a resumed run
+        draws the same batches."""
         rng = np.random.default_rng([self.cfg.seed, k])
         n = len(self.train_pairs)
-        return rng.choice(n, size=self.cfg.batch_size, replace=n < self.cfg.batch_size)
+        return rng.choice(n, size=self.cfg.batch_size, replace=n < self.cfg.batch_size)[self.rows]
 
     def pair_losses(self, encoded, ref, lengths):
         """(losses Tensor, chosen rewards, rejected rewards) of encoded pairs, given their
@@ -348,15 +350,17 @@ class DPORun(FinetuneRun):
         sums = {}
         for m in range(cfg.grad_accum):
             idx = self.micro_batch(self.step * cfg.grad_accum + m)
-            for name, v in self.accumulate(idx, 1.0 / cfg.grad_accum).items():
+            weight = len(idx) / cfg.batch_size / cfg.grad_accum  # this rank's share of the pairs
+            for name, v in self.accumulate(idx, weight).items():
                 sums[name] = sums.get(name, 0.0) + v
             self.tokens_seen += sum(len(c) + len(r) for (c, _), (r, _) in
                                     (self.train_pairs[i] for i in idx))
+        sums = dict(zip(sums, self.sum_over_ranks(list(sums.values())).tolist()))  # all ranks'
         n = cfg.batch_size * cfg.grad_accum
         loss = sums["loss"] / n
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss} at step {self.step}")
-        norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+        norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler, self.dp)
         self.step += 1
         self.targets_seen = self.tokens_seen  # no share of the batch is masked out
         for name, v in sums.items():
@@ -432,5 +436,6 @@ def register(subparsers):
                    help=f"add this times the chosen replies' per-token negative log-likelihood "
                         f"to the loss (RPO), which keeps the chosen replies likely "
                         f"({d.rpo_alpha})")
+    parallel.add_arguments(p)
     p.set_defaults(func=cmd_dpo)
     return p

@@ -183,25 +183,34 @@ def config_from_args(args, cls):
 
 def start(args, cfg, run_cls):
     """Check the output folder and the starting model, build the run (resumed or fresh), fit
-    it; returns the Run and the exit code (1 diverged, 130 interrupted, else 0)."""
+    it; returns the Run and the exit code (1 diverged, 130 interrupted, else 0). With --gpus N
+    this process starts N workers that each do so (tinyllm.parallel); it returns no Run then."""
+    from tinyllm import parallel
+
+    parallel.check(args, cfg.batch_size)
     out = Path(cfg.out or cfg.default_out())
-    if not args.resume:
-        if not Path(cfg.base).exists():
-            raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
-        base = Path(cfg.base).resolve()
-        if out.resolve() == base or out.resolve() in base.parents:
-            raise UsageError(f"--out {out}: that folder holds the model to start from "
-                             f"({cfg.base}); choose another")
-    check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+    if not parallel.is_worker(args):  # the launcher checked these before starting workers
+        if not args.resume:
+            if not Path(cfg.base).exists():
+                raise UsageError(f"--from {cfg.base}: no such run folder or checkpoint")
+            base = Path(cfg.base).resolve()
+            if out.resolve() == base or out.resolve() in base.parents:
+                raise UsageError(f"--out {out}: that folder holds the model to start from "
+                                 f"({cfg.base}); choose another")
+        check_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+        if getattr(args, "gpus", None):
+            return None, parallel.launch(args, cfg.command)
     ckpt = None
     if args.resume:
         path = checkpoint_path(args.resume)
         meta, arrays = load_checkpoint(path)
         ckpt = {"path": path, "meta": meta, "arrays": arrays}
     cfg.out = str(out)
-    run = run_cls(cfg, resume_from=ckpt)
-    run.overwrite = args.overwrite
-    summary = run.fit()
+    with parallel.worker(args, cfg, cfg.command) as group:
+        ranks = {"group": group, "zero1": args.zero1} if group is not None else {}
+        run = run_cls(cfg, resume_from=ckpt, **ranks)
+        run.overwrite = args.overwrite
+        summary = run.fit()
     return run, 1 if summary["diverged"] else 130 if summary["interrupted"] else 0
 
 
@@ -283,6 +292,7 @@ class FinetuneRun(Run):
     weights are loaded later by Run); LoRA wraps it when asked."""
 
     verb = "fine-tuning"  # how describe_model names the job
+    every_target_counts = False  # chat data masks the prompts' targets
     expects_chat_model = False  # True: say so when --from has no chat tokens (not an SFT model)
 
     def default_out(self):
@@ -335,7 +345,7 @@ class FinetuneRun(Run):
     def save(self, name):
         """Run's checkpoint; with LoRA, best.ckpt's adapters also go to adapter.safetensors."""
         path = super().save(name)
-        if name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
+        if path is not None and name == "best.ckpt" and getattr(self.model, "lora", None) is not None:
             from tinyllm.lora import save_adapters
 
             save_adapters(self.run_dir / "adapter.safetensors", self.model, self.adapter_meta())

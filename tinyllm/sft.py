@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from autograd import backend
-from tinyllm import chat, finetune
+from tinyllm import chat, finetune, parallel
 from tinyllm.cli import UsageError
 from tinyllm.data import pad_right
 from tinyllm.finetune import FinetuneConfig, FinetuneRun
@@ -194,7 +194,7 @@ class SFTRun(FinetuneRun):
         B = self.cfg.batch_size
         rng = np.random.default_rng([self.cfg.seed, k])
         bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_p)]
-        idx = rng.choice(bucket, size=B, replace=len(bucket) < B)
+        idx = rng.choice(bucket, size=B, replace=len(bucket) < B)[self.rows]  # this rank's
         x, y = pad_batch([self.train_examples[i] for i in idx], self.pad_id)
         self.padding_seen += x.size - sum(len(self.train_examples[i][0]) for i in idx)
         return x, y
@@ -221,7 +221,7 @@ def cmd_sft(args):
     if cfg.data != "builtin":
         chat.read_conversations(cfg.data)  # every line checked before any work
     run, code = finetune.start(args, cfg, SFTRun)
-    if code == 0 and not cfg.quiet:
+    if code == 0 and not cfg.quiet and run is not None and run.is_main:
         show_samples(run)
     return code
 
@@ -251,6 +251,7 @@ def register(subparsers):
     finetune.add_arguments(p, d, "conversations",
                            "a JSON-lines file of conversations, one per line, in any of: "
                            + "; ".join(chat.FORMATS.values()) + ", or builtin: the built-in tasks")
+    parallel.add_arguments(p)
     p.set_defaults(func=cmd_sft)
     return p
 

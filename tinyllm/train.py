@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import autograd
-from autograd import amp, backend
+from autograd import amp, backend, distributed
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
 from tinyllm import perf
@@ -315,15 +316,19 @@ def fmt_time(s):
 IGNORE_INDEX = -100  # targets equal to this count for nothing (GPT.forward's ignore_index)
 
 
-def accumulate_grads(model, params, micro_batches, shards=1, scaler=None):
+def accumulate_grads(model, params, micro_batches, shards=1, scaler=None, weights=None):
     """Forward and backward of each (x, y) micro-batch, its loss weighted 1 / len(micro_batches)
-    (the mean over them), gradients added into each parameter's .grad; returns the mean loss.
-    `scaler`: a float16 GradScaler, whose scale multiplies the loss before backward.
-    `shards` > 1 splits each micro-batch along the batch axis over that many threads
-    (`_sharded_backward`)."""
-    weight = 1.0 / len(micro_batches)
+    (the mean over them) or by `weights`, gradients added into each parameter's .grad; returns
+    the weighted sum of the losses. A micro-batch of weight 0 is skipped (a data-parallel rank
+    whose rows of it have no counted target). `scaler`: a float16 GradScaler, whose scale
+    multiplies the loss before backward. `shards` > 1 splits each micro-batch along the batch
+    axis over that many threads (`_sharded_backward`)."""
+    if weights is None:
+        weights = [1.0 / len(micro_batches)] * len(micro_batches)
     total = 0.0
-    for x, y in micro_batches:
+    for (x, y), weight in zip(micro_batches, weights):
+        if weight == 0:
+            continue
         if shards > 1:
             total += _sharded_backward(model, params, x, y, weight, shards, scaler)
             continue
@@ -377,16 +382,24 @@ def _sharded_backward(model, params, x, y, weight, shards, scaler=None):
     return sum(loss for loss, _ in results)
 
 
-def apply_update(params, optimizer, clip, scaler=None):
+def apply_update(params, optimizer, clip, scaler=None, dp=None):
     """Clip the gradients' global norm to `clip` (0: no clipping), take the optimizer step and
     zero the gradients; returns the norm before clipping. With a float16 GradScaler the
     gradients are unscaled first, and a step whose gradients overflowed is skipped: the loss
-    scale is lowered, the weights are kept, and the norm returned is inf."""
-    if scaler and not scaler.unscale_(params):
+    scale is lowered, the weights are kept, and the norm returned is inf. `dp`: data-parallel
+    training (autograd.distributed.DataParallel): the gradients are first summed over the
+    ranks (under ZeRO-1 each rank then holds and updates a slice; the norm is the slices')."""
+    if dp is not None:
+        params = dp.reduce_grads()
+    finite = scaler.unscale_(params) if scaler else True
+    norm = dp.grad_norm(params) if dp is not None else grad_norm(params) if finite else math.inf
+    if scaler and not (finite and math.isfinite(norm)):  # every rank sees the same norm
+        scaler.found_inf = True
         scaler.update()
         optimizer.zero_grad()
         return math.inf
-    norm = clip_grad_norm(params, clip) if clip else grad_norm(params)
+    if clip and math.isfinite(norm):
+        clip_grad_norm(params, clip, norm=norm)
     if not math.isfinite(norm):  # an update now would write inf/NaN into the weights
         optimizer.zero_grad()
         raise FloatingPointError(f"the gradient norm is {norm}")
@@ -401,10 +414,23 @@ class Run:
     """Everything a training run holds; `train(cfg)` builds one and calls `fit()`."""
 
     command = "train"  # the subcommand that resumes it
+    every_target_counts = True  # no masked targets: a micro-batch's count is its rows x T
     perplexity = True  # the validation loss is a cross-entropy: its exp is worth a column
     val_metrics = {}  # more figures of the last evaluate(), for its log line and record
 
-    def __init__(self, cfg, resume_from=None):
+    def __init__(self, cfg, resume_from=None, group=None, zero1=False):
+        """`group`: an autograd.distributed Group for data-parallel training: this process is
+        one rank; it trains on its rows of every micro-batch (`rows`), and only rank 0 logs
+        and writes files. `zero1`: shard the optimizer state over the ranks (ZeRO-1)."""
+        self.group = group
+        self.rank, self.world_size = (group.rank, group.world_size) if group else (0, 1)
+        self.is_main = self.rank == 0
+        if not self.is_main:
+            cfg = dataclasses.replace(cfg, quiet=True)
+        if cfg.batch_size < self.world_size:
+            raise UsageError(f"batch_size {cfg.batch_size} is smaller than the {self.world_size} "
+                             "ranks: each needs at least one row of every micro-batch")
+        self.rows = data_mod.shard_rows(cfg.batch_size, self.rank, self.world_size)
         self.cfg = cfg
         self.run_dir = Path(cfg.out or self.default_out())
         self.overwrite = False  # fit() then removes an old run's files before writing
@@ -437,6 +463,15 @@ class Run:
         self.tokenizer_json = self.tokenizer.to_json()
         if resume_from is not None:
             self._restore(resume_from)
+        self.dp = None
+        if group is not None:  # after the restore: ZeRO-1 takes its slices of the moments
+            self.dp = distributed.DataParallel(self.params, self.optimizer, group, zero1=zero1)
+            self.optimizer = self.dp.optimizer
+        elif zero1:
+            raise ValueError("zero1 shards the optimizer over data-parallel ranks: give a group")
+        if self.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
+            autograd.manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, self.step])
+                                     .generate_state(1)[0]))
 
     # ---- data: what a kind of run overrides ----------------------------------------------------
     def default_out(self):
@@ -486,8 +521,9 @@ class Run:
                               f"{f' x {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})")
 
     def micro_batch(self, k):
-        """Micro-batch k of the run, (x, y) as NumPy integer arrays: a pure function of k."""
-        return self.batches.get(k)
+        """This rank's rows of micro-batch k of the run, (x, y) as NumPy integer arrays: a pure
+        function of k."""
+        return self.batches.get(k, self.rows)
 
     def val_batches(self):
         """The fixed validation batches, (x, y) pairs."""
@@ -550,12 +586,21 @@ class Run:
         return meta, arrays
 
     def save(self, name):
+        """Write the checkpoint `name` (rank 0; the path, None on the other ranks). Under ZeRO-1
+        every rank calls it: the optimizer's slices are gathered into the full state."""
+        if not self.is_main and not (self.dp and self.dp.zero1):
+            return None
         meta, arrays = self.state()
+        if not self.is_main:
+            return None
         return save_checkpoint(self.run_dir / name, meta, arrays)
 
     def _restore(self, ckpt):
         path, meta, arrays = ckpt["path"], ckpt["meta"], ckpt["arrays"]
-        check_match(path, "model config", meta["model_config"], self.model.config.to_dict())
+        # the device is where the weights live, not what they are: a run resumes on another
+        # device, and with --gpus each rank's is its own GPU
+        check_match(path, "model config", meta["model_config"],
+                    dict(self.model.config.to_dict(), device=meta["model_config"].get("device")))
         fp = data_mod.tokenizer_fingerprint(self.tokenizer)
         if meta["tokenizer_sha256"] != fp:
             raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
@@ -572,10 +617,37 @@ class Run:
         if self.scaler and meta.get("grad_scaler"):
             self.scaler.load_state_dict(meta["grad_scaler"])
 
+    # ---- data parallelism ------------------------------------------------------------------------
+    def sum_over_ranks(self, values):
+        """The numbers `values` summed over the data-parallel ranks (as they are in one process),
+        a float64 NumPy array. A collective: every rank calls it at the same point. Each sum
+        also carries every rank's Ctrl-C (see fit), so the ranks agree on when to stop."""
+        if not self.dp:
+            return np.array(values, dtype=np.float64)
+        stop = getattr(self, "_stop", None)
+        sums = self.dp.sum(list(values) + [bool(stop and stop["flag"])])
+        if stop is not None and sums[-1]:
+            stop["agreed"] = True
+        return sums[:-1]
+
+    def loss_weights(self, counts, micro):
+        """The loss weight of each of this rank's micro-batch shares (x, y) in `micro`, from
+        their numbers of counted targets `counts`: the share's part of the whole micro-batch's
+        targets over the number of micro-batches, so the weighted losses of all ranks add up
+        to the mean over micro-batches of each one's mean loss (1 / grad_accum in one
+        process). The whole micro-batch's count is summed over the ranks, unless every target
+        counts (then it is batch_size x T, with no exchange)."""
+        if self.dp and self.every_target_counts:
+            totals = [self.cfg.batch_size * y.shape[1] for _, y in micro]
+        else:
+            totals = self.sum_over_ranks(counts)
+        m = len(counts)
+        return [c / t / m if t else 1.0 / m for c, t in zip(counts, totals)]
+
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self):
         """Mean loss per counted target (targets other than IGNORE_INDEX) over the fixed
-        validation batches."""
+        validation batches (each rank takes its rows of every batch)."""
         self.model.eval()
         total, count = 0.0, 0
 
@@ -588,6 +660,10 @@ class Run:
             return loss.item() * n
 
         for x, y in self.val_batches():
+            rows = data_mod.shard_rows(len(x), self.rank, self.world_size)
+            x, y = x[rows], y[rows]
+            if not len(x):
+                continue
             if self.shards > 1:  # slices of the batch on threads, as in training
                 slices = [s for s in zip(np.array_split(x, self.shards),
                                          np.array_split(y, self.shards)) if len(s[0])]
@@ -596,7 +672,8 @@ class Run:
                 total += loss_sum(x, y)
             count += int((y != IGNORE_INDEX).sum())
         self.model.train()
-        return total / max(count, 1)
+        total, count = self.sum_over_ranks([total, count])
+        return float(total / max(count, 1))
 
     def _dev(self, a):
         return a if self.cfg.device == "cpu" else backend.to_device(a, self.cfg.device)
@@ -606,16 +683,18 @@ class Run:
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
         first = self.step * cfg.grad_accum
-        micro = [tuple(self._dev(a) for a in self.micro_batch(first + m))
-                 for m in range(cfg.grad_accum)]
+        micro = [self.micro_batch(first + m) for m in range(cfg.grad_accum)]
+        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
         self.tokens_seen += sum(x.size for x, _ in micro)
-        self.targets_seen = getattr(self, "targets_seen", 0) + sum(
-            int((y != IGNORE_INDEX).sum()) for _, y in micro)
-        loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
+        self.targets_seen = getattr(self, "targets_seen", 0) + sum(counts)
+        weights = self.loss_weights(counts, micro)
+        micro = [tuple(self._dev(a) for a in xy) for xy in micro]
+        loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler, weights)
+        loss = float(self.sum_over_ranks([loss])[0])
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
         try:
-            norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+            norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler, self.dp)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {self.step + 1}") from None
         self.step += 1
@@ -629,9 +708,8 @@ class Run:
         blas = blas_thread_count()
         return f" ({blas} BLAS threads)" if blas else ""
 
-    def fit(self):
-        cfg = self.cfg
-        metrics_path = self.run_dir / "metrics.jsonl"
+    def _prepare_run_dir(self, metrics_path):
+        """The run folder before the first step: no leftovers, config and tokenizer written."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.run_dir.glob(".*.tmp"):  # left by a save that was killed
             tmp.unlink()
@@ -642,23 +720,39 @@ class Run:
         _truncate_metrics(metrics_path, self.step)
         self.tokenizer.save(self.run_dir / "tokenizer.json")
         with atomic_write(self.run_dir / "config.json", "w", encoding="utf-8") as f:
-            f.write(json.dumps({"train": cfg.to_dict(), "model": self.model.config.to_dict()},
-                               indent=1))
+            f.write(json.dumps({"train": self.cfg.to_dict(),
+                                "model": self.model.config.to_dict()}, indent=1))
+
+    def fit(self):
+        cfg = self.cfg
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.is_main:  # with several ranks, rank 0 alone writes files
+            self._prepare_run_dir(metrics_path)
+        if self.dp:
+            self.dp.broadcast_params()  # the replicas start equal
         n_params = self.model.num_params()
         log(cfg, f"{self.describe_model()}, {n_params / 1e6:.2f}M parameters; "
                  f"vocab {self.tokenizer.vocab_size}; {self.data_summary}")
+        where = cfg.device if not self.dp else (
+            f"{self.world_size} ranks, each on its share of every batch"
+            f"{' (optimizer state sharded: ZeRO-1)' if self.dp.zero1 else ''}")
         log(cfg, f"training {cfg.steps} steps of {self.batch_summary} on "
-                 f"{cfg.device}{self._threads_note()}; run folder {self.run_dir}"
+                 f"{where}{self._threads_note()}; run folder {self.run_dir}"
                  + (f"; resuming at step {self.step}" if self.step else ""))
-        stop = {"flag": False}
+        # flag: Ctrl-C here; agreed: on some rank, as the last sum over the ranks said
+        stop = self._stop = {"flag": False, "agreed": False}
+
+        def stopped():
+            return stop["agreed"] if self.dp else stop["flag"]
         diverged = None
 
         def on_sigint(signum, frame):
             if stop["flag"]:
                 raise KeyboardInterrupt
             stop["flag"] = True
-            print("\nCtrl-C: finishing this step and saving (press again to quit at once)",
-                  file=sys.stderr, flush=True)
+            if self.is_main:
+                print("\nCtrl-C: finishing this step and saving (press again to quit at once)",
+                      file=sys.stderr, flush=True)
 
         old_handler = None
         try:
@@ -669,18 +763,22 @@ class Run:
         t_last, step_last = t_start, self.step
         first_step = self.step
         loss_sum = 0.0
-        with open(metrics_path, "a") as metrics:
+        with open(metrics_path if self.is_main else os.devnull, "a") as metrics:
             def record(obj):
                 metrics.write(json.dumps(obj) + "\n")
                 metrics.flush()
 
             try:
-                while self.step < cfg.steps and not stop["flag"]:
+                while self.step < cfg.steps and not stopped():
                     loss, lr, norm = self.train_step()
                     loss_sum += loss
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         loss = loss_sum / (self.step - step_last)  # mean since the last line
                         loss_sum = 0.0
+                        if self.dp:  # the counts of every rank
+                            self.tokens_seen, self.targets_seen, self.padding_seen = \
+                                self.sum_over_ranks([self.tokens_seen, self.targets_seen,
+                                                     self.padding_seen])
                         now = time.perf_counter()
                         tps = self.tokens_seen / (now - t_last)
                         trained = self.targets_seen / max(self.tokens_seen, 1)
@@ -697,7 +795,8 @@ class Run:
                                      f"{100 * padding:.0f}%")
                             rec["trained_share"], rec["padding_share"] = trained, padding
                         if self.peak:
-                            mfu = self.model.flops_per_token(self.block_size) * tps / self.peak
+                            mfu = (self.model.flops_per_token(self.block_size) * tps
+                                   / (self.peak * self.world_size))
                             line += f" | MFU {100 * mfu:.1f}%"
                             rec["mfu"] = mfu
                         extra = self.log_metrics()
@@ -736,20 +835,20 @@ class Run:
                 if old_handler is not None:
                     signal.signal(signal.SIGINT, old_handler)
         elapsed = time.perf_counter() - t_start
-        if diverged:
+        if diverged and self.is_main:
             good = [n for n in ("best.ckpt", "last.ckpt") if (self.run_dir / n).exists()]
             print(f"tinyllm {self.command}: stopped: {diverged}; the last good checkpoint is "
                   f"{self.run_dir / good[-1] if good else 'none (no evaluation yet)'}; try a lower "
                   f"learning rate (--lr) or a longer warmup", file=sys.stderr, flush=True)
-        elif stop["flag"]:
-            path = self.save("last.ckpt")
+        elif stopped():
+            path = self.save("last.ckpt")  # every rank: under ZeRO-1 a collective
             log(cfg, f"interrupted at step {self.step}; saved {path}; continue with: "
                      f"tinyllm {self.command} --resume {self.run_dir}")
         else:
             log(cfg, f"done: {self.step} steps in {fmt_time(elapsed)} ({elapsed:.1f}s); best val "
                      f"loss {self.best_val:.4f}; checkpoints in {self.run_dir}")
         return {"step": self.step, "best_val": self.best_val, "elapsed_s": elapsed,
-                "interrupted": stop["flag"], "diverged": diverged}
+                "interrupted": stopped(), "diverged": diverged}
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, n_tokens, prompt="", temperature=0.8, top_k=40, seed=0):
@@ -846,17 +945,18 @@ def _sample_loop(model, tokenizer, ids, n_tokens, temperature, top_k, seed):
 
 # ---- entry points -----------------------------------------------------------------------------
 
-def train(cfg, resume=None, overwrite=False):
+def train(cfg, resume=None, overwrite=False, group=None, zero1=False):
     """Train per `cfg` (a TrainConfig); `resume`: a run folder or .ckpt file to continue;
-    `overwrite`: replace a run already in the output folder. Returns the Run (model,
-    tokenizer, ...) and a summary dict."""
+    `overwrite`: replace a run already in the output folder; `group`, `zero1`: this process is
+    one rank of data-parallel training (see Run). Returns the Run (model, tokenizer, ...) and
+    a summary dict."""
     ckpt = None
     if resume is not None:
         path = Path(resume)
         path = path / "last.ckpt" if path.is_dir() else path
         meta, arrays = load_checkpoint(path)
         ckpt = {"path": path, "meta": meta, "arrays": arrays}
-    run = Run(cfg, resume_from=ckpt)
+    run = Run(cfg, resume_from=ckpt, group=group, zero1=zero1)
     run.overwrite = overwrite
     summary = run.fit()
     return run, summary
@@ -920,17 +1020,25 @@ def _parse_value(v):
 
 
 def cmd_train(args):
+    from tinyllm import parallel
+
     cfg = validate_train(config_from_args(args))
-    if cfg.init_from and not args.resume and not Path(cfg.init_from).exists():
-        raise UsageError(f"--init-from {cfg.init_from}: no such run folder or checkpoint")
-    check_run_folder(cfg.out or default_out(cfg), resume=bool(args.resume),
-                     overwrite=args.overwrite)
-    run, summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    parallel.check(args, cfg.batch_size)
+    if not parallel.is_worker(args):  # the launcher checked these before starting workers
+        if cfg.init_from and not args.resume and not Path(cfg.init_from).exists():
+            raise UsageError(f"--init-from {cfg.init_from}: no such run folder or checkpoint")
+        check_run_folder(cfg.out or default_out(cfg), resume=bool(args.resume),
+                         overwrite=args.overwrite)
+        if args.gpus:
+            return parallel.launch(args, "train")
+    with parallel.worker(args, cfg, "train") as group:
+        run, summary = train(cfg, resume=args.resume, overwrite=args.overwrite, group=group,
+                             zero1=args.zero1)
     if summary["diverged"]:
         return 1
     if summary["interrupted"]:
         return 130
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and run.is_main:
         t0 = time.perf_counter()
         text = run.sample(cfg.sample_tokens, cfg.prompt, cfg.temperature, cfg.top_k, cfg.seed)
         print(f"\n--- sample ({cfg.sample_tokens} tokens, temperature {cfg.temperature}, "
@@ -1023,5 +1131,8 @@ def register(subparsers):
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
+    from tinyllm import parallel
+
+    parallel.add_arguments(p)
     p.set_defaults(func=cmd_train)
     return p
