@@ -25,19 +25,25 @@ def read_metrics(run_dir):
     return train, val
 
 
-def plot_run(run_dir, out=None, log_y=False):
-    """Draw training and validation loss (and the learning rate) against the step; returns
-    the PNG path (default RUN_DIR/loss.png)."""
-    if not (Path(run_dir) / "metrics.jsonl").exists():
-        read_metrics(run_dir)  # names the missing folder or file, before matplotlib
+def pyplot(command="tinyllm plot"):
+    """matplotlib.pyplot on the file-only Agg backend; RuntimeError naming the extra if absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("tinyllm plot needs matplotlib: pip install 'tinyllm[plot]' "
+        raise RuntimeError(f"{command} needs matplotlib: pip install 'tinyllm[plot]' "
                            "(or pip install matplotlib)") from None
+    return plt
+
+
+def plot_run(run_dir, out=None, log_y=False):
+    """Draw training and validation loss (and the learning rate) against the step; returns
+    the PNG path (default RUN_DIR/loss.png)."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        read_metrics(run_dir)  # names the missing folder or file, before matplotlib
+    plt = pyplot()
     train, val = read_metrics(run_dir)
     if not train and not val:
         raise ValueError(f"{run_dir}: metrics.jsonl has no records yet")
