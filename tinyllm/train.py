@@ -640,7 +640,10 @@ class Run:
 
     def _restore(self, ckpt):
         path, meta, arrays = ckpt["path"], ckpt["meta"], ckpt["arrays"]
-        check_match(path, "model config", meta["model_config"], self.model.config.to_dict())
+        from tinyllm.model import ModelConfig  # filled in: keys added since read as defaults
+
+        check_match(path, "model config", ModelConfig.from_dict(meta["model_config"]).to_dict(),
+                    self.model.config.to_dict())
         fp = data_mod.tokenizer_fingerprint(self.tokenizer)
         if meta["tokenizer_sha256"] != fp:
             raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
@@ -966,13 +969,16 @@ def config_from_args(args):
     cli = {k: v for k, v in vars(args).items()
            if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None
            and k != "model"}
-    if args.model:
+    design = {k: getattr(args, k, None) for k in MODEL_FLAGS}
+    design = {k: v for k, v in design.items() if v is not None}
+    if args.model or design:
         model = dict(settings.get("model", {}))
-        for item in args.model:
+        for item in args.model or []:
             if "=" not in item:
                 raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
             k, v = item.split("=", 1)
             model[k] = _parse_value(v)
+        model.update(design)
         cli["model"] = model
     if resume_meta is not None:
         saved = resume_meta["train_config"]
@@ -984,6 +990,10 @@ def config_from_args(args):
                 f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
     settings.update(cli)
     return TrainConfig.from_dict(settings, args.config or "command line")
+
+
+# Model design choices with a flag of their own (the same as -m KEY=VALUE).
+MODEL_FLAGS = ("norm_position", "positions", "init")
 
 
 def _int_or_auto(v):
@@ -1026,7 +1036,7 @@ def cmd_train(args):
 def register(subparsers):
     from tinyllm.cli import (nonnegative_float, nonnegative_int, positive_float, positive_int,
                              probability)
-    from tinyllm.config import PRESETS
+    from tinyllm.config import INITS, POSITIONS, PRESETS
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -1059,6 +1069,14 @@ def register(subparsers):
     p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default {d.preset})")
     p.add_argument("-m", "--model", action="append", metavar="KEY=VALUE",
                    help="model setting override, e.g. -m n_layers=6 -m flavour=gpt2 (repeatable)")
+    p.add_argument("--norm-position", choices=["pre", "post"],
+                   help="pre-norm x + f(norm(x)) (GPT-2, Llama) or post-norm norm(x + f(x)) "
+                        "(the original Transformer, GPT-1) (default: the preset's, pre)")
+    p.add_argument("--positions", choices=list(POSITIONS),
+                   help="position encoding (default: the preset's)")
+    p.add_argument("--init", choices=list(INITS),
+                   help="weight initialization: gpt2 (scaled residual projections), normal "
+                        "(0.02 everywhere), fan_in (PyTorch's defaults) (default gpt2)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=positive_int,
                    help=f"sequences per micro-batch (default {d.batch_size})")
