@@ -87,9 +87,26 @@ def test_schedule_page_holds_the_grid(pages):
     assert grid == {(w, lr) for w in smoke["warmups"] for lr in smoke["lrs"]}
     for loss, status in zip(column(headers, rows, "final val loss"),
                             column(headers, rows, "status")):
-        assert (status == "ok") == (loss != "diverged")
+        assert status.split()[0] in ("ok", "failed", "diverged")
+        assert (loss == "diverged") == status.startswith("diverged")
         if status == "ok":
             assert 0 < float(loss) < np.log(1025)  # better than uniform over the vocabulary
+    rises = [float(v) for v in column(headers, rows, "largest train-loss rise")]
+    assert all(r >= 0 for r in rises)
+
+
+def test_schedule_measures():
+    from tinyllm.lab.schedule import largest_rise, unigram_loss
+
+    assert largest_rise([5.0, 4.0, 4.5, 3.0, 3.8]) == pytest.approx(0.8)
+    assert largest_rise([3.0, 2.0, 1.0]) == 0
+
+    class Split:  # train: token 0 three times, 1 once; val: one of each
+        train, val = np.array([0, 0, 0, 1]), np.array([0, 1])
+
+    # add-one smoothing over a vocabulary of 3: p = (4, 2, 1) / 7
+    expected = -(np.log(4 / 7) + np.log(2 / 7)) / 2
+    assert unigram_loss(Split, 3) == pytest.approx(expected)
 
 
 def test_packing_page_counts_padding(pages):
@@ -171,3 +188,21 @@ def test_pieces_cut_documents_at_eot_and_length():
 def test_markdown_table_marks_diverged_runs():
     text = common.markdown_table(["a", "b"], [[1, 0.123456], ["x", float("nan")]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x | diverged |"]
+
+
+def test_loss_per_position_averages_to_the_models_loss():
+    import autograd
+    from tinyllm import data as data_mod
+    from tinyllm.lab.positions import bands_of, loss_per_position
+
+    c = common.train("tiny", 2, model=dict(n_layers=1, d_model=16, n_heads=2, context_length=32),
+                     block_size=8, batch_size=4, eval_iters=1)
+    per_pos = loss_per_position(c.run, 32, 6)
+    assert per_pos.shape == (32,)
+    starts = data_mod.eval_windows(c.run.dataset.val, 32, 6)
+    x, y = data_mod.windows_at(c.run.dataset.val, starts, 32)
+    with autograd.no_grad():
+        _, loss = c.run.model(x, y, return_logits=False)
+    assert per_pos.mean() == pytest.approx(loss.item(), rel=1e-5)
+    assert bands_of(8, 32) == [(0, 8), (8, 16), (16, 32)]
+    assert bands_of(8, 24) == [(0, 8), (8, 16), (16, 24)]

@@ -2,9 +2,12 @@
 
 A grid of runs, warmup length x peak learning rate (cosine decay to a tenth of the peak after
 the warmup), each the same small model for the same steps on the built-in corpus. The final
-validation loss of each is the heat map; a run is marked diverged when its loss became
-non-finite or ended no better than guessing uniformly over the vocabulary (ln V). The stable
-region is the set of runs within `--tolerance` nats of the best one.
+validation loss of each is the heat map. A run is marked diverged when its loss became
+non-finite, and failed when it ended no better than the unigram baseline (the cross-entropy
+of predicting every token from its training frequency alone: what a model knows that has
+learned nothing about context). The largest rise of the training loss above its lowest so far
+shows the spikes of runs at the edge. The stable region is the set of runs within
+`--tolerance` nats of the best one.
 """
 
 import math
@@ -40,56 +43,74 @@ def run(args):
                          f"got {max(args.warmups)}")
     model = dict(common.SMALL_MODEL, n_layers=args.layers, d_model=args.d_model)
     grid = np.full((len(args.warmups), len(args.lrs)), math.nan)
-    status, rows, curves = {}, [], {}
+    status, rows, curves, baseline = {}, [], {}, None
     for i, warmup in enumerate(args.warmups):
         for j, lr in enumerate(args.lrs):
             c = common.train(f"warmup {warmup}, lr {lr:g}", args.steps, args.device, model,
                              lr=lr, min_lr=lr / 10, warmup=warmup, batch_size=args.batch_size,
-                             seed=args.seed)
-            uniform = math.log(c.run.tokenizer.vocab_size)
+                             seed=args.seed, log_every=max(1, args.steps // 60))
+            if baseline is None:
+                baseline = unigram_loss(c.run.dataset, c.run.tokenizer.vocab_size)
             if c.diverged:
                 why = "diverged (" + c.diverged.split(" at ")[0].replace("the ", "") + \
                       (f" at step {c.diverged.rsplit(' ', 1)[-1]})" if " at step " in c.diverged
                        else ")")
-            elif c.final_val >= uniform:
-                why = "diverged (no better than uniform)"
+            elif c.final_val >= baseline:
+                why = "failed (no better than unigram)"
             else:
                 why = "ok"
-            if why == "ok":
                 grid[i, j] = c.final_val
             status[warmup, lr] = why
             curves[warmup, lr] = c
-            rows.append([warmup, f"{lr:g}", c.final_val if why == "ok" else math.nan,
-                         min(c.loss) if c.loss else math.nan, why])
+            rows.append([warmup, f"{lr:g}", c.final_val, largest_rise(c.loss), why])
     best = np.nanmin(grid) if np.isfinite(grid).any() else math.nan
     stable = np.isfinite(grid) & (grid <= best + args.tolerance)
     for row, ok in zip(rows, stable.ravel()):
         row.append("yes" if ok else "")
-    fig = draw(args, grid, stable, curves)
+    fig = draw(args, grid, stable, curves, baseline)
     return common.Result(
         title="Lab 5: learning-rate schedule (warmup x peak learning rate)",
         question=__doc__.strip().splitlines()[0],
-        headers=["warmup steps", "peak lr", "final val loss", "lowest train loss", "status",
-                 f"stable (within {args.tolerance:g} of best)"],
-        rows=rows, figure=fig, shows=findings(args, grid, stable, status),
+        headers=["warmup steps", "peak lr", "final val loss", "largest train-loss rise",
+                 "status", f"stable (within {args.tolerance:g} of best)"],
+        rows=rows, figure=fig, shows=findings(args, grid, stable, status, curves, baseline),
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, 4 heads, context 64 "
                f"(llama flavour: RoPE, RMSNorm, SwiGLU), BPE vocabulary 1024",
                f"each run: {args.steps} steps of {args.batch_size} x 64 tokens on the built-in "
                "corpus; AdamW (weight decay 0.1, betas 0.9/0.99), gradient clip 1.0, linear "
                "warmup then cosine to peak/10",
                "final val loss: the last evaluation's mean cross-entropy (nats/token) on fixed "
-               "validation windows"],
-        data=dict(grid=grid.tolist(), stable=stable.tolist(), status={f"{w},{lr:g}": s for
+               f"validation windows; unigram baseline {baseline:.3f}; largest train-loss rise: "
+               "the most the training loss (mean over each log interval) climbed above its "
+               "lowest value so far"],
+        data=dict(grid=grid.tolist(), stable=stable.tolist(), baseline=baseline, status={f"{w},{lr:g}": s for
                                                                        (w, lr), s in status.items()}))
 
 
-def findings(args, grid, stable, status):
+def unigram_loss(dataset, vocab_size):
+    """Cross-entropy (nats/token) of the validation tokens under the training split's token
+    frequencies (add-one smoothed): the loss of a model that ignores the context."""
+    counts = np.bincount(np.asarray(dataset.train), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(dataset.val)].mean())
+
+
+def largest_rise(losses):
+    """The most a loss curve climbed above its lowest value so far (0 for a falling curve)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if not len(losses):
+        return math.nan
+    return float(np.max(losses - np.minimum.accumulate(losses)))
+
+
+def findings(args, grid, stable, status, curves, baseline):
     lrs, warmups = args.lrs, args.warmups
     if not np.isfinite(grid).any():
-        return "Every run diverged: lower the learning rates of the grid."
+        return (f"No run got below the unigram baseline ({baseline:.3f}): lower the learning "
+                "rates of the grid or train longer.")
     i, j = np.unravel_index(np.nanargmin(grid), grid.shape)
     text = [f"The lowest final loss, {grid[i, j]:.3f}, came from peak lr {lrs[j]:g} with "
-            f"{warmups[i]} warmup steps."]
+            f"{warmups[i]} warmup steps (unigram baseline {baseline:.3f})."]
     widths = []
     for r, w in enumerate(warmups):
         ok = [f"{lrs[c]:g}" for c in range(len(lrs)) if stable[r, c]]
@@ -97,7 +118,7 @@ def findings(args, grid, stable, status):
         bad = [f"{lr:g}" for lr in lrs if status[w, lr] != "ok"]
         text.append(f"With {w} warmup steps the stable region is "
                     f"{'lr ' + ', '.join(ok) if ok else 'empty'}"
-                    f"{'; diverged at lr ' + ', '.join(bad) if bad else ''}.")
+                    f"{'; failed or diverged at lr ' + ', '.join(bad) if bad else ''}.")
     if widths[-1] > widths[0]:
         text.append(f"Longer warmup widened the stable region ({widths[0]} to {widths[-1]} "
                     "learning rates).")
@@ -108,37 +129,52 @@ def findings(args, grid, stable, status):
     else:
         text.append("Warmup length did not change how many learning rates were stable at "
                     "this size and budget.")
+    w, lr = max(curves, key=lambda k: largest_rise(curves[k].loss))
+    rise = largest_rise(curves[w, lr].loss)
+    if rise > 0.05:
+        others = ", ".join(f"{largest_rise(curves[v, lr].loss):.2f} with {v}"
+                           for v in warmups if v != w)
+        text.append(f"The largest loss spike, +{rise:.2f} nats, was at lr {lr:g} with {w} "
+                    f"warmup steps ({others} warmup steps at the same lr).")
     return " ".join(text)
 
 
-def draw(args, grid, stable, curves):
-    fig, (ax, ax2) = common.figure(2, width=6.2, height=4.4)
+def draw(args, grid, stable, curves, baseline):
+    fig, (ax, ax2, ax3) = common.figure(3, width=5.2, height=4.4)
     masked = np.ma.masked_invalid(grid)
     im = ax.imshow(masked, cmap="viridis_r", aspect="auto")
-    ax.set_facecolor("#d62728")  # diverged cells show the background
+    ax.set_facecolor("#d62728")  # failed and diverged cells show the background
     ax.set_xticks(range(len(args.lrs)), [f"{lr:g}" for lr in args.lrs])
     ax.set_yticks(range(len(args.warmups)), [str(w) for w in args.warmups])
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("warmup steps")
     for (r, c), v in np.ndenumerate(grid):
-        label = "diverged" if math.isnan(v) else f"{v:.3f}" + ("\n(stable)" if stable[r, c] else "")
+        final = curves[args.warmups[r], args.lrs[c]].final_val
+        label = (f"{v:.3f}" + ("\nstable" if stable[r, c] else "")) if np.isfinite(v) else \
+            ("diverged" if math.isnan(final) else f"{final:.3f}\nfailed")
         ax.text(c, r, label, ha="center", va="center", fontsize=8,
-                color="white" if math.isnan(v) else "black")
+                color="black" if np.isfinite(v) else "white")
     fig.colorbar(im, ax=ax, label="final validation loss (nats/token)")
-    ax.set_title("final loss; red: diverged")
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    ax.set_title("final loss; red: failed or diverged")
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
     for r, w in enumerate(args.warmups):
-        ys = grid[r]
-        ax2.plot(args.lrs, ys, "o-", color=colors[r % len(colors)], label=f"warmup {w}")
-        for lr, y in zip(args.lrs, ys):
-            if math.isnan(y):
-                ax2.plot([lr], [np.nanmax(grid) if np.isfinite(grid).any() else 0], "x",
-                         color=colors[r % len(colors)], ms=10)
+        finals = [curves[w, lr].final_val for lr in args.lrs]
+        ax2.plot(args.lrs, finals, "o-", color=colors[r % len(colors)], label=f"warmup {w}")
+    ax2.axhline(baseline, color="gray", ls="--", lw=1, label="unigram baseline")
     ax2.set_xscale("log")
     ax2.set_xlabel("peak learning rate")
     ax2.set_ylabel("final validation loss")
-    ax2.set_title("x: diverged (drawn at the top)")
+    ax2.set_title("the basin (diverged runs: no point)")
     ax2.grid(alpha=0.3)
-    ax2.legend()
+    ax2.legend(fontsize=8)
+    lr = max(args.lrs, key=lambda v: max(largest_rise(curves[w, v].loss) for w in args.warmups))
+    for r, w in enumerate(args.warmups):
+        c = curves[w, lr]
+        ax3.plot(c.steps, c.loss, color=colors[r % len(colors)], lw=1, label=f"warmup {w}")
+    ax3.set_xlabel("step")
+    ax3.set_ylabel("training loss")
+    ax3.set_title(f"training at lr {lr:g} (the spikiest)")
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=8)
     fig.tight_layout()
     return fig
