@@ -7,15 +7,22 @@ import shlex
 import numpy as np
 import pytest
 
+from autograd.testing import device_params
 from tinyllm import lab
 from tinyllm.cli import build_parser
 from tinyllm.cli import main as cli_main
 from tinyllm.lab import common
 from tinyllm.train import IGNORE_INDEX
 
-pytest.importorskip("matplotlib", reason="tinyllm lab draws with matplotlib (the test extra)")
-
 EXPERIMENTS = list(lab.available())
+
+
+def smoke_args(name, *argv):
+    """The parsed options of `tinyllm lab NAME --smoke ARGV`, the smoke values applied."""
+    args = build_parser().parse_args(["lab", name, "--smoke", *argv])
+    for key, value in lab.available()[name].SMOKE.items():
+        setattr(args, key, value)
+    return args
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,6 +37,7 @@ def cache(tmp_path_factory):
 def pages(tmp_path_factory):
     """{name: (exit code, page text, png path)}: each experiment run once in its smoke
     configuration through the command line."""
+    pytest.importorskip("matplotlib", reason="tinyllm lab draws with matplotlib (test extra)")
     out = tmp_path_factory.mktemp("lab")
     results = {}
     for name in EXPERIMENTS:
@@ -140,7 +148,17 @@ def test_tokenizer_page_measures_compression(pages):
         assert float(row["bits per byte (val)"]) == pytest.approx(bpb, rel=0.01)
 
 
-# ---- bad input: one line, exit 2, nothing written -------------------------------------------------
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id == "cuda"])
+def test_experiment_measures_on_the_gpu(name, device):
+    """Each experiment's measurements on a GPU (the drawing is matplotlib's, on the CPU)."""
+    result = lab.available()[name].run(smoke_args(name, "--device", device))
+    assert result.rows and re.search(r"\d", result.shows)
+    numbers = [v for row in result.rows for v in row if isinstance(v, float)]
+    assert numbers and any(np.isfinite(numbers))
+
+
+# ---- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [
     (["lab", "schedule", "--lrs", "fast"], "--lrs"),
@@ -151,6 +169,7 @@ def test_tokenizer_page_measures_compression(pages):
     (["lab", "nosuch"], "nosuch"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, words):
+    pytest.importorskip("matplotlib", reason="a missing matplotlib is said first")
     if argv[1] not in EXPERIMENTS and argv[1] != "nosuch":
         pytest.skip(f"no {argv[1]} experiment")
     assert cli_main(argv + ["--out", str(tmp_path)] if argv[1] != "nosuch" else argv) == 2
@@ -193,7 +212,7 @@ def test_markdown_table_marks_diverged_runs():
 def test_loss_per_position_averages_to_the_models_loss():
     import autograd
     from tinyllm import data as data_mod
-    from tinyllm.lab.positions import bands_of, loss_per_position
+    from tinyllm.lab.positions import bands_of, loss_per_position, moving_average
 
     c = common.train("tiny", 2, model=dict(n_layers=1, d_model=16, n_heads=2, context_length=32),
                      block_size=8, batch_size=4, eval_iters=1)
@@ -206,3 +225,4 @@ def test_loss_per_position_averages_to_the_models_loss():
     assert per_pos.mean() == pytest.approx(loss.item(), rel=1e-5)
     assert bands_of(8, 32) == [(0, 8), (8, 16), (16, 32)]
     assert bands_of(8, 24) == [(0, 8), (8, 16), (16, 24)]
+    assert moving_average(np.arange(1.0, 6.0), 3).tolist() == [1.5, 2, 3, 4, 4.5]

@@ -5,7 +5,8 @@ should run them. A module has a docstring whose first line is its question, and:
 
     add_arguments(parser)   its own options (sizes, grids, steps)
     SMOKE                   a dict of option values for a tiny run (`--smoke`, used by the tests)
-    run(args) -> Result     trains, measures, and returns the table, figure and findings
+    run(args) -> Result     trains, measures, and returns the table, the findings and how
+                            to draw the plot (tinyllm/lab/common.py's Result)
 
 `tinyllm lab NAME` runs one and writes docs/lab/NAME.md and NAME.png (`--out DIR`), with the
 command, the machine, the date and the wall time (see tinyllm/lab/common.py).

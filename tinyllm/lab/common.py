@@ -69,13 +69,13 @@ def train(label, steps, device="cpu", model=None, run_class=Run, **settings):
 @dataclass
 class Result:
     """What an experiment's run() returns: the page's title, a table of the measured figures,
-    the figure to draw, what it shows (sentences written from the numbers), and how it was set
-    up. `data` keeps the raw numbers for tests and for anyone importing the experiment."""
+    how to draw the plot (measuring needs no matplotlib), what it shows (sentences written
+    from the numbers), and how it was set up. `data` keeps the raw numbers for tests and for anyone importing the experiment."""
     title: str
     question: str
     headers: list
     rows: list
-    figure: object  # a matplotlib Figure
+    draw: object  # () -> a matplotlib Figure: drawn when the page is written
     shows: str
     setup: list = field(default_factory=list)  # lines: model, steps, batch, ...
     data: dict = field(default_factory=dict)
@@ -117,7 +117,8 @@ def machine(device="cpu"):
         from autograd import backend
 
         cp = backend.cupy_module()
-        text += f"; GPU: {cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)['name'].decode()}"
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        text += f"; GPU: {props['name'].decode()}"
     return text
 
 
@@ -132,7 +133,7 @@ def write_page(out, name, result, command, device, wall_s):
     """docs/lab/NAME.md and NAME.png under `out`; returns the page's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_figure(result.figure, out / f"{name}.png")
+    save_figure(result.draw(), out / f"{name}.png")
     setup = "".join(f"- {line}\n" for line in result.setup)
     text = (f"# {result.title}\n\n"
             f"**Question.** {result.question}\n\n"

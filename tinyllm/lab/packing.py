@@ -29,7 +29,7 @@ SMOKE = dict(steps=4, layers=1, d_model=16, context=16, batch_size=4, val_docs=8
 
 
 def add_arguments(p):
-    p.add_argument("--steps", type=int, default=400, help="steps of the packed run (default 400)")
+    p.add_argument("--steps", type=int, default=800, help="steps of the packed run (default 800)")
     p.add_argument("--context", type=int, default=64, help="context length (default 64)")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     p.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
@@ -158,14 +158,14 @@ def run(args):
         rows.append([c.label, r.step, processed, f"{100 * pad / processed:.1f}%",
                      processed - pad, c.final_val, doc_loss, f"{c.elapsed_s:.0f}"])
     lengths = np.array([len(p) - 1 for p in probe.pieces])
-    fig = draw(packed, padded, lengths, data["padded"]["waste"])
     return common.Result(
         title="Lab 6: data packing (EOT-separated packing against padding)",
         question=__doc__.strip().splitlines()[0],
         headers=["batching", "steps", "tokens processed", "of which padding",
                  "tokens trained on", "val loss, packed windows", "val loss, whole documents",
                  "train seconds"],
-        rows=rows, figure=fig, shows=findings(data, lengths, args),
+        rows=rows, shows=findings(data, lengths, args),
+        draw=lambda: draw(packed, padded, lengths, data["padded"]["waste"]),
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, context {args.context}, "
                f"llama flavour; BPE vocabulary 1024 trained on the paragraphs",
                f"documents: {len(probe.pieces):,} training pieces of at most {args.context} "
@@ -212,7 +212,8 @@ def draw(packed, padded, lengths, waste):
     ax.grid(alpha=0.3)
     ax.legend()
     ax2.hist(lengths, bins=40, color="gray")
-    ax2.axvline(np.median(lengths), color="black", ls="--", label=f"median {int(np.median(lengths))}")
+    median = int(np.median(lengths))
+    ax2.axvline(median, color="black", ls="--", label=f"median {median}")
     ax2.set_xlabel("document piece length (targets)")
     ax2.set_ylabel("pieces")
     ax2.set_title(f"padded to the longest in the batch: {100 * waste:.0f}% of compute wasted")

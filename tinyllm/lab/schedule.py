@@ -67,13 +67,13 @@ def run(args):
     stable = np.isfinite(grid) & (grid <= best + args.tolerance)
     for row, ok in zip(rows, stable.ravel()):
         row.append("yes" if ok else "")
-    fig = draw(args, grid, stable, curves, baseline)
     return common.Result(
         title="Lab 5: learning-rate schedule (warmup x peak learning rate)",
         question=__doc__.strip().splitlines()[0],
         headers=["warmup steps", "peak lr", "final val loss", "largest train-loss rise",
                  "status", f"stable (within {args.tolerance:g} of best)"],
-        rows=rows, figure=fig, shows=findings(args, grid, stable, status, curves, baseline),
+        rows=rows, shows=findings(args, grid, stable, status, curves, baseline),
+        draw=lambda: draw(args, grid, stable, curves, baseline),
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, 4 heads, context 64 "
                f"(llama flavour: RoPE, RMSNorm, SwiGLU), BPE vocabulary 1024",
                f"each run: {args.steps} steps of {args.batch_size} x 64 tokens on the built-in "
@@ -83,8 +83,8 @@ def run(args):
                f"validation windows; unigram baseline {baseline:.3f}; largest train-loss rise: "
                "the most the training loss (mean over each log interval) climbed above its "
                "lowest value so far"],
-        data=dict(grid=grid.tolist(), stable=stable.tolist(), baseline=baseline, status={f"{w},{lr:g}": s for
-                                                                       (w, lr), s in status.items()}))
+        data=dict(grid=grid.tolist(), stable=stable.tolist(), baseline=baseline,
+                  status={f"{w},{lr:g}": s for (w, lr), s in status.items()}))
 
 
 def unigram_loss(dataset, vocab_size):

@@ -25,9 +25,9 @@ def add_arguments(p):
     p.add_argument("--vocab-sizes", type=common.number_list(int, low=256), metavar="V,V,...",
                    default=[256, 512, 1024, 2048, 4096],
                    help="vocabulary sizes, >= 256 (default 256,512,1024,2048,4096)")
-    p.add_argument("--steps", type=int, default=500,
+    p.add_argument("--steps", type=int, default=700,
                    help="steps at vocabulary 1024 (or the first size); the others get the "
-                        "same FLOPs (default 500)")
+                        "same FLOPs (default 700)")
     p.add_argument("--context", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     p.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
@@ -83,13 +83,12 @@ def run(args):
             rows.append([V, f"{bpt:.2f}", steps, f"{steps * tokens_per_step * bpt / 1e6:.2f}",
                          n_params, c.final_val, bpb, f"{c.elapsed_s:.0f}"])
             curves.append((V, c, bpt))
-    fig = draw(sizes, data, curves)
     return common.Result(
         title="Lab 7: tokenizer (vocabulary size, compression and bits per byte)",
         question=__doc__.strip().splitlines()[0],
         headers=["vocabulary", "bytes per token (val)", "steps", "MB of text seen",
                  "parameters", "val loss (nats/token)", "bits per byte (val)", "train seconds"],
-        rows=rows, figure=fig, shows=findings(sizes, data),
+        rows=rows, draw=lambda: draw(sizes, data, curves), shows=findings(sizes, data),
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, context {args.context} "
                "tokens, llama flavour with tied embeddings",
                f"compute: {budget / 1e12:.3g} TFLOP per run ({args.steps} steps of "
@@ -102,23 +101,29 @@ def run(args):
 
 
 def findings(sizes, data):
-    best = min(sizes, key=lambda V: data[V]["bits_per_byte"]
-               if math.isfinite(data[V]["bits_per_byte"]) else math.inf)
+    bpb = {V: data[V]["bits_per_byte"] for V in sizes}
     lo, hi = sizes[0], sizes[-1]
     text = (f"Compression grew from {data[lo]['bytes_per_token']:.2f} bytes per token at "
-            f"vocabulary {lo} to {data[hi]['bytes_per_token']:.2f} at {hi}, so at equal compute "
-            f"the larger vocabulary read {data[hi]['text_bytes_seen'] / data[lo]['text_bytes_seen']:.1f}x "
-            f"as much text in {data[hi]['steps']} steps against {data[lo]['steps']}.")
-    text += (f" The lowest bits per byte, {data[best]['bits_per_byte']:.3f}, came at vocabulary "
-             f"{best}")
-    if best == hi:
-        text += ": within this range, more text per step outweighed the larger output layer."
-    elif best == lo:
-        text += ": the output layer's cost and the rarer tokens outweighed the compression."
+            f"vocabulary {lo} to {data[hi]['bytes_per_token']:.2f} at {hi}; at equal compute "
+            f"the {hi} model took {data[hi]['steps']} steps against {data[lo]['steps']} and read "
+            f"{data[hi]['text_bytes_seen'] / data[lo]['text_bytes_seen']:.1f}x as much text.")
+    finite = [V for V in sizes if math.isfinite(bpb[V])]
+    if not finite:
+        return text + " Every run diverged."
+    best, worst = min(finite, key=bpb.get), max(finite, key=bpb.get)
+    text += (f" Bits per byte were lowest at vocabulary {best} ({bpb[best]:.3f}) and highest "
+             f"at {worst} ({bpb[worst]:.3f}).")
+    falls = [bpb[b] <= bpb[a] for a, b in zip(finite, finite[1:])]
+    if all(falls):
+        text += " Each larger vocabulary did better: more text per step outweighed the cost "
+        text += "of the larger output layer throughout this range."
+    elif not any(falls):
+        text += " Each larger vocabulary did worse: the output layer's cost and the rarer "
+        text += "tokens (each seen fewer times) outweighed the compression."
     else:
-        text += (f"; both ends did worse ({data[lo]['bits_per_byte']:.3f} at {lo}, "
-                 f"{data[hi]['bits_per_byte']:.3f} at {hi}): past it the output layer's cost "
-                 "and rarer tokens (each seen fewer times) outweigh the compression.")
+        text += (" The curve is not monotonic (" + ", ".join(f"{bpb[V]:.3f} at {V}" for V in finite)
+                 + "): past the jump from bytes to merges, the gains of compression and the "
+                 "costs of a larger output layer and rarer tokens nearly cancel at this budget.")
     return text
 
 
