@@ -70,7 +70,8 @@ def train(label, steps, device="cpu", model=None, run_class=Run, **settings):
 class Result:
     """What an experiment's run() returns: the page's title, a table of the measured figures,
     how to draw the plot (measuring needs no matplotlib), what it shows (sentences written
-    from the numbers), and how it was set up. `data` keeps the raw numbers for tests and for anyone importing the experiment."""
+    from the numbers), and how it was set up. `data` keeps the raw numbers, for tests and for
+    anyone importing the experiment."""
     title: str
     question: str
     headers: list

@@ -29,13 +29,18 @@ SMOKE = dict(steps=4, layers=1, d_model=16, context=16, batch_size=4, val_docs=8
 
 
 def add_arguments(p):
-    p.add_argument("--steps", type=int, default=800, help="steps of the packed run (default 800)")
-    p.add_argument("--context", type=int, default=64, help="context length (default 64)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    p.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--val-docs", type=int, default=256,
+    from tinyllm.cli import positive_float, positive_int
+
+    p.add_argument("--steps", type=positive_int, default=800,
+                   help="steps of the packed run (default 800)")
+    p.add_argument("--context", type=positive_int, default=64, help="context length (default 64)")
+    p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--d-model", type=positive_int, default=64, help="model width (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="rows per batch (default 16)")
+    p.add_argument("--lr", type=positive_float, default=3e-3,
+                   help="peak learning rate (default 3e-3)")
+    p.add_argument("--val-docs", type=positive_int, default=256,
                    help="validation documents in the whole-document loss (default 256)")
 
 
@@ -123,11 +128,6 @@ def document_loss(run, docs):
 
 
 def run(args):
-    from tinyllm.cli import UsageError
-
-    for name in ("steps", "context", "layers", "batch_size", "val_docs"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be a positive integer")
     model = dict(common.SMALL_MODEL, n_layers=args.layers, d_model=args.d_model,
                  context_length=args.context)
     with tempfile.TemporaryDirectory(prefix="tinyllm-lab-") as folder:
@@ -158,6 +158,7 @@ def run(args):
         rows.append([c.label, r.step, processed, f"{100 * pad / processed:.1f}%",
                      processed - pad, c.final_val, doc_loss, f"{c.elapsed_s:.0f}"])
     lengths = np.array([len(p) - 1 for p in probe.pieces])
+    train_tokens = len(packed.run.dataset.train)
     return common.Result(
         title="Lab 6: data packing (EOT-separated packing against padding)",
         question=__doc__.strip().splitlines()[0],
@@ -169,7 +170,11 @@ def run(args):
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, context {args.context}, "
                f"llama flavour; BPE vocabulary 1024 trained on the paragraphs",
                f"documents: {len(probe.pieces):,} training pieces of at most {args.context} "
-               f"targets, median {int(np.median(lengths))}, mean {lengths.mean():.1f}",
+               f"targets, median {int(np.median(lengths))}, mean {lengths.mean():.1f}; the "
+               f"training split holds {train_tokens:,} tokens, so the packed run read it "
+               f"{budget / train_tokens:.1f} times and the padded run "
+               f"{(data['padded']['processed'] - data['padded']['padding']) / train_tokens:.1f}"
+               " times",
                f"batch {args.batch_size} rows; peak lr {args.lr:g}, cosine to a tenth; the "
                f"padded run gets as many steps as fit in the packed run's {budget:,} tokens",
                "val loss, packed windows: `tinyllm train`'s validation (fixed windows of the "
@@ -188,6 +193,10 @@ def findings(data, lengths, args):
     d_packed, d_docs = q["val_loss"] - p["val_loss"], q["doc_loss"] - p["doc_loss"]
     if math.isnan(d_packed):
         return text + " A run diverged; see the table."
+    if q["steps"] <= 1.1 * p["steps"]:
+        text += (f" Padding bought few extra steps ({q['steps']} against {p['steps']}): with "
+                 f"{args.batch_size} rows nearly every batch holds one piece of the full "
+                 f"{args.context} tokens, so padded batches are about as wide as packed ones.")
     text += (f" Packing ended {abs(d_packed):.3f} nats/token "
              f"{'lower' if d_packed > 0 else 'higher'} on packed validation windows and "
              f"{abs(d_docs):.3f} {'lower' if d_docs > 0 else 'higher'} on whole documents read "

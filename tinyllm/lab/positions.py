@@ -22,16 +22,21 @@ SMOKE = dict(steps=4, layers=1, d_model=16, train_length=8, windows=4)
 
 
 def add_arguments(p):
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (default 800)")
-    p.add_argument("--train-length", type=int, default=64,
+    from tinyllm.cli import positive_float, positive_int
+
+    p.add_argument("--steps", type=positive_int, default=800,
+                   help="optimizer steps per run (default 800)")
+    p.add_argument("--train-length", type=positive_int, default=64,
                    help="tokens per training window (default 64)")
-    p.add_argument("--factor", type=int, default=4,
+    p.add_argument("--factor", type=positive_int, default=4,
                    help="the longest evaluation window, in trained lengths (default 4)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    p.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--windows", type=int, default=64,
+    p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--d-model", type=positive_int, default=64, help="model width (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="sequences per step (default 16)")
+    p.add_argument("--lr", type=positive_float, default=3e-3,
+                   help="peak learning rate (default 3e-3)")
+    p.add_argument("--windows", type=positive_int, default=64,
                    help="validation windows of the long evaluation (default 64)")
 
 
@@ -69,9 +74,6 @@ def bands_of(T, L):
 def run(args):
     from tinyllm.cli import UsageError
 
-    for name in ("steps", "train_length", "layers", "batch_size", "windows", "factor"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be a positive integer")
     if args.factor < 2:
         raise UsageError(f"--factor: must be at least 2 (to evaluate past the trained length), "
                          f"got {args.factor}")

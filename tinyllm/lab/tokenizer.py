@@ -22,18 +22,23 @@ SMOKE = dict(steps=4, vocab_sizes=[256, 300], layers=1, d_model=16, context=16, 
 
 
 def add_arguments(p):
+    from tinyllm.cli import positive_float, positive_int
+
     p.add_argument("--vocab-sizes", type=common.number_list(int, low=256), metavar="V,V,...",
                    default=[256, 512, 1024, 2048, 4096],
                    help="vocabulary sizes, >= 256 (default 256,512,1024,2048,4096)")
-    p.add_argument("--steps", type=int, default=700,
+    p.add_argument("--steps", type=positive_int, default=700,
                    help="steps at vocabulary 1024 (or the first size); the others get the "
                         "same FLOPs (default 700)")
-    p.add_argument("--context", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    p.add_argument("--d-model", type=int, default=64, help="model width (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--val-windows", type=int, default=None,
+    p.add_argument("--context", type=positive_int, default=64,
+                   help="tokens per sequence (default 64)")
+    p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--d-model", type=positive_int, default=64, help="model width (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sequences per step (default 8)")
+    p.add_argument("--lr", type=positive_float, default=3e-3,
+                   help="peak learning rate (default 3e-3)")
+    p.add_argument("--val-windows", type=positive_int, default=None,
                    help="validation windows per evaluation (default: enough to read the whole "
                         "validation split once)")
 
@@ -45,11 +50,6 @@ def flops_per_token(model, vocab_size, context):
 
 
 def run(args):
-    from tinyllm.cli import UsageError
-
-    for name in ("steps", "context", "layers", "batch_size", "val_windows"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be a positive integer")
     sizes = sorted(set(args.vocab_sizes))
     model = dict(common.SMALL_MODEL, n_layers=args.layers, d_model=args.d_model,
                  context_length=args.context)
