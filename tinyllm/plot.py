@@ -28,15 +28,15 @@ def read_metrics(run_dir):
     return train, val
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only backend, or a RuntimeError saying how to get it."""
+def pyplot(command="tinyllm plot"):
+    """matplotlib.pyplot on the file-only Agg backend; RuntimeError naming the extra if absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("tinyllm plot needs matplotlib: pip install 'tinyllm[plot]' "
+        raise RuntimeError(f"{command} needs matplotlib: pip install 'tinyllm[plot]' "
                            "(or pip install matplotlib)") from None
     return plt
 

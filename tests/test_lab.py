@@ -1,0 +1,173 @@
+"""tinyllm lab: every experiment runs in its smoke configuration and writes a page whose table
+holds its measured figures, and a PNG; the helpers the experiments stand on."""
+
+import re
+import shlex
+
+import numpy as np
+import pytest
+
+from tinyllm import lab
+from tinyllm.cli import build_parser
+from tinyllm.cli import main as cli_main
+from tinyllm.lab import common
+from tinyllm.train import IGNORE_INDEX
+
+pytest.importorskip("matplotlib", reason="tinyllm lab draws with matplotlib (the test extra)")
+
+EXPERIMENTS = list(lab.available())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """Token and tokenizer caches of these runs in a folder of their own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYLLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    """{name: (exit code, page text, png path)}: each experiment run once in its smoke
+    configuration through the command line."""
+    out = tmp_path_factory.mktemp("lab")
+    results = {}
+    for name in EXPERIMENTS:
+        rc = cli_main(["lab", name, "--smoke", "--out", str(out)])
+        page = out / f"{name}.md"
+        results[name] = (rc, page.read_text() if page.exists() else "", out / f"{name}.png")
+    return results
+
+
+def table(text):
+    """The page's first markdown table: (headers, rows of cells)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert set(lines[1].replace("|", "")) == {"-"}, "second line is the header rule"
+    return cells[0], cells[2:]
+
+
+def column(headers, rows, name):
+    return [row[headers.index(name)] for row in rows]
+
+
+def test_list_names_all_seven_in_the_learners_order(capsys):
+    assert cli_main(["lab", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["norm", "positions", "init", "precision",
+                                                   "schedule", "packing", "tokenizer"]
+    assert [line.split(".")[0] for line in lines] == [str(i) for i in range(1, 8)]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_run_writes_page_and_png(pages, name):
+    rc, text, png = pages[name]
+    assert rc == 0
+    module = lab.available()[name]
+    assert text.startswith("# Lab ")
+    assert lab.question(module) in text
+    assert f"![{name}]({name}.png)" in text
+    assert f"- command: `tinyllm lab {name} " in text and "--smoke" in text
+    for field in ("- machine: ", "- date: ", "- wall time: ", "## What it shows"):
+        assert field in text, field
+    shows = text.split("## What it shows")[1].split("##")[0].strip()
+    assert re.search(r"\d", shows), "the findings quote measured numbers"
+    headers, rows = table(text)
+    assert rows and all(len(r) == len(headers) for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_schedule_page_holds_the_grid(pages):
+    if "schedule" not in pages:
+        pytest.skip("no schedule experiment")
+    _, text, _ = pages["schedule"]
+    headers, rows = table(text)
+    smoke = lab.available()["schedule"].SMOKE
+    grid = {(int(r[0]), float(r[1])) for r in rows}
+    assert grid == {(w, lr) for w in smoke["warmups"] for lr in smoke["lrs"]}
+    for loss, status in zip(column(headers, rows, "final val loss"),
+                            column(headers, rows, "status")):
+        assert (status == "ok") == (loss != "diverged")
+        if status == "ok":
+            assert 0 < float(loss) < np.log(1025)  # better than uniform over the vocabulary
+
+
+def test_packing_page_counts_padding(pages):
+    if "packing" not in pages:
+        pytest.skip("no packing experiment")
+    _, text, _ = pages["packing"]
+    headers, rows = table(text)
+    by = {r[0]: dict(zip(headers, r)) for r in rows}
+    assert by["packed"]["of which padding"] == "0.0%"
+    processed = {k: int(v["tokens processed"]) for k, v in by.items()}
+    trained = {k: int(v["tokens trained on"]) for k, v in by.items()}
+    waste = float(by["padded"]["of which padding"].rstrip("%")) / 100
+    assert trained["packed"] == processed["packed"]
+    assert trained["padded"] < processed["padded"]
+    assert waste == pytest.approx(1 - trained["padded"] / processed["padded"], abs=1e-3)
+    # the padded run gets the packed run's compute: at most one batch more
+    smoke = lab.available()["packing"].SMOKE
+    assert 0 <= processed["padded"] - processed["packed"] < smoke["batch_size"] * smoke["context"]
+
+
+def test_tokenizer_page_measures_compression(pages):
+    if "tokenizer" not in pages:
+        pytest.skip("no tokenizer experiment")
+    _, text, _ = pages["tokenizer"]
+    headers, rows = table(text)
+    by = {int(r[0]): dict(zip(headers, r)) for r in rows}
+    assert float(by[256]["bytes per token (val)"]) == pytest.approx(1.0, abs=0.01)
+    assert float(by[300]["bytes per token (val)"]) > 1.1
+    for row in by.values():  # bits per byte = nats/token / bytes per token / ln 2
+        bpb = float(row["val loss (nats/token)"]) / float(row["bytes per token (val)"]) / np.log(2)
+        assert float(row["bits per byte (val)"]) == pytest.approx(bpb, rel=0.01)
+
+
+# ---- bad input: one line, exit 2, nothing written -------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["lab", "schedule", "--lrs", "fast"], "--lrs"),
+    (["lab", "schedule", "--lrs", "-1"], "--lrs"),
+    (["lab", "schedule", "--steps", "10", "--warmups", "0,20"], "--warmups"),
+    (["lab", "tokenizer", "--vocab-sizes", "100"], "--vocab-sizes"),
+    (["lab", "packing", "--device", "tpu"], "--device"),
+    (["lab", "nosuch"], "nosuch"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, words):
+    if argv[1] not in EXPERIMENTS and argv[1] != "nosuch":
+        pytest.skip(f"no {argv[1]} experiment")
+    assert cli_main(argv + ["--out", str(tmp_path)] if argv[1] != "nosuch" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+# ---- the helpers -------------------------------------------------------------------------------
+
+def test_command_line_repeats_the_run():
+    parser = build_parser()
+    argv = ["lab", "schedule", "--lrs", "0.001,0.03", "--warmups", "0,5", "--steps", "50",
+            "--out", "somewhere"]
+    args = parser.parse_args(argv)
+    command = lab.command_line("schedule", args.lab_parser, args)
+    assert command.startswith("tinyllm lab schedule ")
+    again = parser.parse_args(shlex.split(command)[1:])
+    assert vars(again) == vars(args)
+
+
+def test_pieces_cut_documents_at_eot_and_length():
+    from tinyllm.lab.packing import padded_batch, pieces
+
+    eot = 9
+    tokens = np.array([1, 2, 3, eot, 4, eot, eot, 5, 6, 7, 8, 1, 2, eot])
+    got = [p.tolist() for p in pieces(tokens, eot, 4)]
+    # documents [1 2 3 E] [4 E] [E] [5 6 7 8 1 2 E]; the lone EOT has nothing to predict
+    assert got == [[1, 2, 3, eot], [4, eot], [5, 6, 7, 8], [1, 2, eot]]
+    x, y = padded_batch([np.array(p) for p in got[:2]], eot)
+    assert x.tolist() == [[1, 2, 3], [4, eot, eot]]
+    assert y.tolist() == [[2, 3, eot], [eot, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_markdown_table_marks_diverged_runs():
+    text = common.markdown_table(["a", "b"], [[1, 0.123456], ["x", float("nan")]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x | diverged |"]
