@@ -87,6 +87,7 @@ class TrainConfig:
     # float32 | float64: the parameters' dtype; tf32 | bfloat16 | float16: float32 parameters
     # with the matrix products in that precision (autograd.amp); float16 adds loss scaling
     dtype: str = "float32"
+    loss_scaling: bool = True  # float16 only: dynamic loss scaling (amp.GradScaler)
     sample_tokens: int = 300  # printed at the end; 0: none
     prompt: str = ""  # sample prompt; "" starts a fresh document
     temperature: float = 0.8
@@ -147,8 +148,8 @@ def validate_common(cfg):
         raise UsageError(f"device: must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data_threads != "auto":
         check_int("data_threads", cfg.data_threads, low=1)
-    for name in ("checkpoint_blocks", "quiet", "monitor"):
-        if not isinstance(getattr(cfg, name), bool):
+    for name in ("checkpoint_blocks", "quiet", "monitor", "loss_scaling"):
+        if hasattr(cfg, name) and not isinstance(getattr(cfg, name), bool):
             raise UsageError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
 
 
@@ -508,7 +509,8 @@ class Run:
             print(f"warning: --dtype {cfg.dtype} on the CPU is emulated by NumPy and many times "
                   "slower than float32; it is meant for GPUs", file=sys.stderr)
         amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
-        self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
+        self.scaler = (amp.GradScaler() if cfg.dtype == "float16"
+                       and getattr(cfg, "loss_scaling", True) else None)
         self.setup(resume_from)  # tokenizer, model, data: self.tokenizer, .model, .data_meta
         self.model.checkpoint_blocks = cfg.checkpoint_blocks
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -1138,6 +1140,9 @@ def register(subparsers):
                    help="float32 or float64 parameters; or tf32, bfloat16, float16: float32 "
                         "parameters with the matrix products in that precision (float16 with "
                         "loss scaling; GPU modes, emulated and slow on the CPU) (default float32)")
+    p.add_argument("--no-loss-scaling", dest="loss_scaling", action="store_false", default=None,
+                   help="--dtype float16 without dynamic loss scaling (small gradients then "
+                        "underflow to zero; for experiments)")
     p.add_argument("--sample-tokens", type=nonnegative_int,
                    help=f"tokens sampled at the end, 0 = none (default {d.sample_tokens})")
     p.add_argument("--prompt", help="prompt of the final sample (default: a fresh document)")
