@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from autograd import Tensor, amp, no_grad
+from autograd.testing import device_params
 from tinyllm.cli import main as cli_main
 from tinyllm.train import Run, TrainConfig, build_model
 
@@ -108,6 +109,27 @@ def test_monitor_figures_equal_the_figures_computed_by_hand(tmp_path, corpus, op
     run.monitor_figures = None
     run.train_step()
     assert run.monitor_figures is None
+
+
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id == "cuda"])
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_monitor_on_a_device_agrees_with_the_cpu(tmp_path, corpus, device, dtype):
+    # the same first step on the CPU and on the device: the same figures (float16: the same
+    # products rounded the same way, summed in another order)
+    figs = {}
+    try:
+        for where in ("cpu", device):
+            run = Run(config(tmp_path / where, corpus, data_threads=1, device=where, dtype=dtype))
+            run.train_step()
+            figs[where] = run.monitor_figures
+    finally:
+        amp.set_precision("float32")
+    rtol = 1e-9 if dtype == "float64" else 2e-2
+    for key in ("resid_rms", "attn_rms", "mlp_rms", "grad_norm", "update_ratio"):
+        np.testing.assert_allclose(figs[device][key], figs["cpu"][key], rtol=rtol, err_msg=key)
+    if dtype == "float16":
+        assert figs[device]["cast_values"] == figs["cpu"]["cast_values"]
+        assert figs[device]["overflow"] == figs["cpu"]["overflow"]
 
 
 def test_metrics_hold_the_figures_of_logged_steps_and_nothing_without_monitor(tmp_path, corpus):

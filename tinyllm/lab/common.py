@@ -37,6 +37,7 @@ class Curves:
     diverged: str | None
     run: Run = field(repr=False)  # the model, tokenizer and data, for more measurements
     monitor: list = field(default_factory=list)  # (step, figures) of a run with monitor=True
+    tokens_per_s: list = field(default_factory=list)  # each log line's (evaluations left out)
 
     @property
     def final_val(self):
@@ -63,7 +64,8 @@ def train(label, steps, device="cpu", model=None, run_class=Run, **settings):
     return Curves(label, [r["step"] for r in train_recs], [r["loss"] for r in train_recs],
                   [r["step"] for r in val_recs], [r["val_loss"] for r in val_recs],
                   summary["elapsed_s"], summary["diverged"], run,
-                  [(r["step"], r["monitor"]) for r in train_recs if "monitor" in r])
+                  [(r["step"], r["monitor"]) for r in train_recs if "monitor" in r],
+                  [r["tokens_per_s"] for r in train_recs])
 
 
 # ---- the page ----------------------------------------------------------------------------------

@@ -4,14 +4,15 @@ The same model trained four ways: float32; bfloat16 and float16 matrix products 
 master weights, optimizer state, norms, softmax and loss: autograd.amp); float16 with and
 without dynamic loss scaling. The training-health monitor counts, on every logged step, the
 operands of the products whose cast to 16 bits overflowed (finite -> inf) or underflowed
-(nonzero -> 0). Speed is tokens per second over the whole run; memory is what one training step
+(nonzero -> 0). Speed is the median of the log intervals' tokens per second (evaluations and
+the first interval left out); memory is what one training step
 holds at its peak (the CPU: NumPy's allocations, traced; the GPU: CuPy's memory pool). On the
 CPU the 16-bit products are emulated by NumPy (float16 without BLAS), so their speed says
 nothing about a GPU's: run with --device cuda for that.
 """
 
 import math
-import time
+import statistics
 import tracemalloc
 
 from autograd import amp, backend
@@ -75,19 +76,20 @@ def run(args):
             memory = step_memory(c.run)
         finally:
             amp.set_precision("float32")
-        tokens = args.steps * args.batch_size * args.context
+        # the median log interval's speed: evaluations and the first (warm-up) interval left out
+        tok_s = statistics.median(c.tokens_per_s[1:] or c.tokens_per_s)
         figs = [m for _, m in c.monitor]
         over = sum(m.get("overflow", 0) for m in figs)
         under = sum(m.get("underflow", 0) for m in figs)
         cast = sum(m.get("cast_values", 0) for m in figs)
         scale = c.run.scaler.scale_value if c.run.scaler else None
         runs[label] = dict(curves=c, overflow=over, underflow=under, cast=cast, memory=memory,
-                           tok_s=tokens / c.elapsed_s, scale=scale)
+                           tok_s=tok_s, scale=scale)
         rows.append([label, c.final_val if not c.diverged else math.nan,
                      f"{over:,}", f"{under:,}",
                      f"{100 * under / cast:.3g}%" if cast else "-",
                      f"{scale:g}" if scale else "-",
-                     f"{tokens / c.elapsed_s:,.0f}", f"{memory / 2**20:.1f}"])
+                     f"{tok_s:,.0f}", f"{memory / 2**20:.1f}"])
     where = common.machine(args.device)
     return common.Result(
         title="Lab 4: numeric precision (float32, bfloat16, float16 with and without loss "
