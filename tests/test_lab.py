@@ -226,3 +226,77 @@ def test_loss_per_position_averages_to_the_models_loss():
     assert bands_of(8, 32) == [(0, 8), (8, 16), (16, 32)]
     assert bands_of(8, 24) == [(0, 8), (8, 16), (16, 24)]
     assert moving_average(np.arange(1.0, 6.0), 3).tolist() == [1.5, 2, 3, 4, 4.5]
+
+
+# ---- norm position, initialization, precision ----------------------------------------------------
+
+def test_norm_page_holds_every_depth_norm_and_warmup(pages):
+    if "norm" not in pages:
+        pytest.skip("no norm experiment")
+    _, text, _ = pages["norm"]
+    headers, rows = table(text)
+    smoke = lab.available()["norm"].SMOKE
+    assert {(int(r[0]), r[1], int(r[2])) for r in rows} == {
+        (d, n, w) for d in smoke["depths"] for n in ("pre", "post") for w in (0, smoke["warmup"])}
+    for row in rows:
+        r = dict(zip(headers, row))
+        assert (r["status"] == "ok") == (r["final val loss"] != "diverged")
+        first, last = float(r["grad norm, first block (step 1)"]), float(
+            r["grad norm, last block (step 1)"])
+        assert first > 0 and last > 0
+        assert float(r["last / first"]) == pytest.approx(last / first, rel=1e-3)
+    # runs that differ only in warmup start from the same weights: the same step-1 gradients
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    col = headers.index("grad norm, first block (step 1)")
+    for d in smoke["depths"]:
+        for n in ("pre", "post"):
+            assert by[str(d), n, "0"][col] == by[str(d), n, str(smoke["warmup"])][col]
+
+
+def test_init_page_shows_each_schemes_scale_at_step_0(pages):
+    if "init" not in pages:
+        pytest.skip("no init experiment")
+    _, text, _ = pages["init"]
+    headers, rows = table(text)
+    by = {r[0]: dict(zip(headers, r)) for r in rows}
+    assert set(by) == {"gpt2", "normal", "fan_in"}
+    rms0 = {k: float(v["stream RMS after block 0"]) for k, v in by.items()}
+    # embeddings drawn at std 0.02 (gpt2, normal) or 1 (fan_in: PyTorch's nn.Embedding)
+    assert rms0["gpt2"] < 0.1 and rms0["normal"] < 0.1 and 0.5 < rms0["fan_in"] < 2
+    # a tied head over std-1 embeddings starts far above uniform guessing (ln 256 = 5.55)
+    assert float(by["fan_in"]["loss at step 1"]) > float(by["gpt2"]["loss at step 1"]) + 1
+
+
+def test_precision_page_counts_casts_per_mode(pages):
+    if "precision" not in pages:
+        pytest.skip("no precision experiment")
+    _, text, _ = pages["precision"]
+    headers, rows = table(text)
+    by = {r[0]: dict(zip(headers, r)) for r in rows}
+    assert list(by) == ["float32", "bfloat16", "float16, loss scaling",
+                        "float16, no loss scaling"]
+    f32 = by["float32"]
+    assert (f32["overflows"], f32["underflows"], f32["underflowed share of cast values"]) == \
+        ("0", "0", "-")
+    under = {k: int(v["underflows"].replace(",", "")) for k, v in by.items()}
+    # the loss scale (2^16 at the start) lifts small gradients out of float16's underflow range
+    assert under["float16, no loss scaling"] > 10 * under["float16, loss scaling"]
+    assert by["float16, loss scaling"]["final loss scale"] != "-"
+    assert by["float16, no loss scaling"]["final loss scale"] == "-"
+    for v in by.values():
+        assert float(v["tokens/s"].replace(",", "")) > 0
+        assert float(v["peak memory of a step (MiB)"]) > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["lab", "norm", "--d-model", "30"], "--d-model"),
+    (["lab", "norm", "--steps", "10", "--warmup", "10"], "--warmup"),
+    (["lab", "init", "--lr", "0"], "--lr"),
+    (["lab", "precision", "--layers", "0"], "--layers"),
+])
+def test_model_experiments_refuse_bad_input_in_one_line(tmp_path, capsys, argv, words):
+    pytest.importorskip("matplotlib", reason="a missing matplotlib is said first")
+    assert cli_main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    assert not list(tmp_path.iterdir())

@@ -87,6 +87,7 @@ class TrainConfig:
     # float32 | float64: the parameters' dtype; tf32 | bfloat16 | float16: float32 parameters
     # with the matrix products in that precision (autograd.amp); float16 adds loss scaling
     dtype: str = "float32"
+    loss_scaling: bool = True  # float16 only: dynamic loss scaling (amp.GradScaler)
     sample_tokens: int = 300  # printed at the end; 0: none
     prompt: str = ""  # sample prompt; "" starts a fresh document
     temperature: float = 0.8
@@ -99,6 +100,9 @@ class TrainConfig:
     # keep only each block's input in training forwards and recompute the block in backward
     # (activation checkpointing): less memory for one more forward of each block
     checkpoint_blocks: bool = False
+    # the training-health monitor (tinyllm.monitor): per-layer figures of each logged step (and
+    # of the first) in metrics.jsonl under "monitor"
+    monitor: bool = False
     quiet: bool = False
 
     def to_dict(self):
@@ -144,8 +148,8 @@ def validate_common(cfg):
         raise UsageError(f"device: must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data_threads != "auto":
         check_int("data_threads", cfg.data_threads, low=1)
-    for name in ("checkpoint_blocks", "quiet"):
-        if not isinstance(getattr(cfg, name), bool):
+    for name in ("checkpoint_blocks", "quiet", "monitor", "loss_scaling"):
+        if hasattr(cfg, name) and not isinstance(getattr(cfg, name), bool):
             raise UsageError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
 
 
@@ -190,7 +194,7 @@ def check_run_folder(path, resume=False, overwrite=False):
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
              "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data",
-             "threads", "data_threads", "checkpoint_blocks"}
+             "threads", "data_threads", "checkpoint_blocks", "monitor"}
 
 
 def read_config_file(path):
@@ -505,10 +509,17 @@ class Run:
             print(f"warning: --dtype {cfg.dtype} on the CPU is emulated by NumPy and many times "
                   "slower than float32; it is meant for GPUs", file=sys.stderr)
         amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
-        self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
+        self.scaler = (amp.GradScaler() if cfg.dtype == "float16"
+                       and getattr(cfg, "loss_scaling", True) else None)
         self.setup(resume_from)  # tokenizer, model, data: self.tokenizer, .model, .data_meta
         self.model.checkpoint_blocks = cfg.checkpoint_blocks
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.monitor = None
+        if getattr(cfg, "monitor", False):
+            from tinyllm.monitor import Monitor
+
+            self.monitor = Monitor(self.model)
+        self.monitor_figures = None  # the last monitored step's
         self.shards = shard_count(cfg.data_threads, cfg.batch_size, cfg.device,
                                   self.model.config.dropout, cfg.threads)
         self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -690,6 +701,11 @@ class Run:
         return a if self.cfg.device == "cpu" else backend.to_device(a, self.cfg.device)
 
     # ---- the loop --------------------------------------------------------------------------------
+    def logged(self, step):
+        """Whether step `step` (counted from 1) gets a log line (and, monitored, its figures)."""
+        return (step % self.cfg.log_every == 0 or step == self.cfg.steps
+                or (self.monitor is not None and step == 1))
+
     def train_step(self):
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
@@ -699,13 +715,22 @@ class Run:
         self.tokens_seen += sum(x.size for x, _ in micro)
         self.targets_seen = getattr(self, "targets_seen", 0) + sum(
             int((y != IGNORE_INDEX).sum()) for _, y in micro)
-        loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+        watch = self.monitor is not None and self.logged(self.step + 1)
+        if watch:
+            self.monitor.begin()
         try:
-            norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e} at step {self.step + 1}") from None
+            loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+            if watch:
+                self.monitor.before_update(self.scaler.scale_value if self.scaler else 1.0)
+            try:
+                norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {self.step + 1}") from None
+        finally:
+            if watch:
+                self.monitor_figures = self.monitor.end()
         self.step += 1
         return loss, lr, norm
 
@@ -766,7 +791,7 @@ class Run:
                 while self.step < cfg.steps and not stop["flag"]:
                     loss, lr, norm = self.train_step()
                     loss_sum += loss
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.logged(self.step):
                         loss = loss_sum / (self.step - step_last)  # mean since the last line
                         loss_sum = 0.0
                         now = time.perf_counter()
@@ -791,6 +816,12 @@ class Run:
                         extra = self.log_metrics()
                         rec.update(extra)
                         line += "".join(f" | {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
+                        if self.monitor_figures is not None:
+                            rec["monitor"], fig = self.monitor_figures, self.monitor_figures
+                            self.monitor_figures = None
+                            if "overflow" in fig:
+                                line += (f" | cast overflows {fig['overflow']} underflows "
+                                         f"{fig['underflow']} of {fig['cast_values']:,}")
                         log(cfg, line)
                         record(rec)
                         t_last, step_last = now, self.step
@@ -1109,6 +1140,9 @@ def register(subparsers):
                    help="float32 or float64 parameters; or tf32, bfloat16, float16: float32 "
                         "parameters with the matrix products in that precision (float16 with "
                         "loss scaling; GPU modes, emulated and slow on the CPU) (default float32)")
+    p.add_argument("--no-loss-scaling", dest="loss_scaling", action="store_false", default=None,
+                   help="--dtype float16 without dynamic loss scaling (small gradients then "
+                        "underflow to zero; for experiments)")
     p.add_argument("--sample-tokens", type=nonnegative_int,
                    help=f"tokens sampled at the end, 0 = none (default {d.sample_tokens})")
     p.add_argument("--prompt", help="prompt of the final sample (default: a fresh document)")
@@ -1125,6 +1159,11 @@ def register(subparsers):
                         "the usable cores, at most 4)")
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
+    p.add_argument("--monitor", action="store_true", default=None,
+                   help="training-health figures per layer (activation RMS, gradient norms, "
+                        "update/weight ratios, float16/bfloat16 cast overflows and underflows) "
+                        "of each logged step and the first, into metrics.jsonl; draw them with "
+                        "tinyllm plot --monitor")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
     p.set_defaults(func=cmd_train)
     return p

@@ -36,6 +36,8 @@ class Curves:
     elapsed_s: float
     diverged: str | None
     run: Run = field(repr=False)  # the model, tokenizer and data, for more measurements
+    monitor: list = field(default_factory=list)  # (step, figures) of a run with monitor=True
+    tokens_per_s: list = field(default_factory=list)  # each log line's (evaluations left out)
 
     @property
     def final_val(self):
@@ -61,7 +63,9 @@ def train(label, steps, device="cpu", model=None, run_class=Run, **settings):
         shutil.rmtree(folder, ignore_errors=True)
     return Curves(label, [r["step"] for r in train_recs], [r["loss"] for r in train_recs],
                   [r["step"] for r in val_recs], [r["val_loss"] for r in val_recs],
-                  summary["elapsed_s"], summary["diverged"], run)
+                  summary["elapsed_s"], summary["diverged"], run,
+                  [(r["step"], r["monitor"]) for r in train_recs if "monitor" in r],
+                  [r["tokens_per_s"] for r in train_recs])
 
 
 # ---- the page ----------------------------------------------------------------------------------
