@@ -25,8 +25,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=positive_int, default=400,
                    help="optimizer steps per run (default 400)")
     p.add_argument("--lrs", type=common.number_list(float), metavar="LR,LR,...",
-                   default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                   help="peak learning rates (default 1e-3,3e-3,1e-2,3e-2,1e-1)")
+                   default=[1e-3, 3e-3, 1e-2, 1e-1, 1.0],
+                   help="peak learning rates (default 1e-3,3e-3,1e-2,1e-1,1)")
     p.add_argument("--warmups", type=common.number_list(int), metavar="N,N,...",
                    default=[0, 40, 160], help="warmup lengths in steps (default 0,40,160)")
     p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks (default 2)")
@@ -135,9 +135,9 @@ def findings(args, grid, stable, status, curves, baseline):
     top = args.lrs[-1]
     if not diverged:
         finals = [curves[w, top].final_val for w in warmups]
-        text.append(f"No run diverged: at the highest peak lr, {top:g}, the final losses "
-                    f"({', '.join(f'{v:.2f}' for v in finals)}) stalled near the unigram "
-                    "baseline instead of blowing up.")
+        text.append(f"No run's loss became non-finite: at the highest peak lr, {top:g}, the "
+                    f"runs ended near the unigram baseline ({', '.join(f'{v:.2f}' for v in finals)}"
+                    ").")
     w, lr = max(curves, key=lambda k: largest_rise(curves[k].loss))
     rise = largest_rise(curves[w, lr].loss)
     if rise > 0.5:  # the mean over a log interval wobbles by a few tenths without any spike
@@ -149,7 +149,7 @@ def findings(args, grid, stable, status, curves, baseline):
 
 
 def draw(args, grid, stable, curves, baseline):
-    fig, (ax, ax2, ax3) = common.figure(3, width=5.2, height=4.4)
+    fig, (ax, ax2, ax3, ax4) = common.figure(4, width=4.6, height=4.4)
     masked = np.ma.masked_invalid(grid)
     im = ax.imshow(masked, cmap="viridis_r", aspect="auto")
     ax.set_facecolor("#d62728")  # failed and diverged cells show the background
@@ -176,17 +176,19 @@ def draw(args, grid, stable, curves, baseline):
     ax2.set_title("the basin (diverged runs: no point)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    # the curves at the learning rate of the best run: what warmup changes there
+    # the curves at the learning rate of the best run, and at the one with the largest spike
     best = int(np.nanargmin(grid)) if np.isfinite(grid).any() else 0
-    lr = args.lrs[best % len(args.lrs)]
-    for r, w in enumerate(args.warmups):
-        c = curves[w, lr]
-        ax3.plot(c.steps, c.loss, color=colors[r % len(colors)], lw=1, label=f"warmup {w}")
-    ax3.set_xlabel("step")
-    ax3.set_ylabel("training loss")
-    ax3.axhline(baseline, color="gray", ls="--", lw=1, label="unigram baseline")
-    ax3.set_title(f"training at lr {lr:g}, the best run's")
-    ax3.grid(alpha=0.3)
-    ax3.legend(fontsize=8)
+    spiky = max(args.lrs, key=lambda v: max(largest_rise(curves[w, v].loss) for w in args.warmups))
+    for axis, lr, what in ((ax3, args.lrs[best % len(args.lrs)], "the best run's"),
+                           (ax4, spiky, "the largest spike's")):
+        for r, w in enumerate(args.warmups):
+            c = curves[w, lr]
+            axis.plot(c.steps, c.loss, color=colors[r % len(colors)], lw=1, label=f"warmup {w}")
+        axis.axhline(baseline, color="gray", ls="--", lw=1, label="unigram baseline")
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.set_title(f"training at lr {lr:g}, {what}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     return fig
