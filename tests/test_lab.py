@@ -104,17 +104,20 @@ def test_schedule_page_holds_the_grid(pages):
 
 
 def test_schedule_measures():
-    from tinyllm.lab.schedule import largest_rise, unigram_loss
+    from types import SimpleNamespace
+
+    from tinyllm.lab.schedule import largest_rise
 
     assert largest_rise([5.0, 4.0, 4.5, 3.0, 3.8]) == pytest.approx(0.8)
     assert largest_rise([3.0, 2.0, 1.0]) == 0
 
-    class Split:  # train: token 0 three times, 1 once; val: one of each
-        train, val = np.array([0, 0, 0, 1]), np.array([0, 1])
-
+    # train: token 0 three times, 1 once; the validation targets: one of each
+    run = SimpleNamespace(dataset=SimpleNamespace(train=np.array([0, 0, 0, 1])),
+                          tokenizer=SimpleNamespace(vocab_size=3),
+                          val_batches=lambda: iter([(None, np.array([[0, 1]]))]))
     # add-one smoothing over a vocabulary of 3: p = (4, 2, 1) / 7
     expected = -(np.log(4 / 7) + np.log(2 / 7)) / 2
-    assert unigram_loss(Split, 3) == pytest.approx(expected)
+    assert common.unigram_loss(run) == pytest.approx(expected)
 
 
 def test_packing_page_counts_padding(pages):

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tinyllm.atomic import atomic_write
 from tinyllm.plot import pyplot, read_metrics
 from tinyllm.train import Run, TrainConfig, validate_train
@@ -181,3 +183,12 @@ def number_list(kind=float, low=0):
         return values
     parse.__name__ = f"{kind.__name__} list"
     return parse
+
+
+def unigram_loss(run):
+    """Cross-entropy, on the targets of the validation windows the runs are scored on, of the
+    training tokens' frequencies (add-one): the loss of a model that ignores the context."""
+    counts = np.bincount(np.asarray(run.dataset.train), minlength=run.tokenizer.vocab_size)
+    logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    targets = np.concatenate([y.ravel() for _, y in run.val_batches()])
+    return float(-logp[targets].mean())

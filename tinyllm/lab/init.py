@@ -48,13 +48,14 @@ def run(args):
         ok = not c.diverged and c.final_val < math.log(c.run.tokenizer.vocab_size)
         rows.append([scheme, c.loss[0], c.final_val if ok else math.nan,
                      min(c.loss), resid[0], resid[-1], resid[-1] / resid[0], branch,
-                     g[0], g[-1]])
+                     g[0], g[-1], largest_update(c)])
     return common.Result(
         title="Lab 3: initialization at depth",
         question=__doc__.strip().splitlines()[0],
         headers=["init", "loss at step 1", "final val loss", "lowest train loss",
                  "stream RMS after block 0", "stream RMS after last block", "last / first",
-                 "largest branch output RMS", "grad norm, first block", "grad norm, last block"],
+                 "largest branch output RMS", "grad norm, first block", "grad norm, last block",
+                 "largest update/weight ratio"],
         rows=rows, draw=lambda: draw(args, runs), shows=findings(args, runs),
         setup=[f"model: {args.layers} layers, d_model {args.d_model}, 4 heads, context 64, "
                "llama flavour (pre-norm, RoPE, RMSNorm, SwiGLU, tied embeddings), bytes as "
@@ -65,6 +66,11 @@ def run(args):
                "RMS and gradient norms: `tinyllm train --monitor` at step 1 (the initial "
                "weights; gradients before clipping)"],
         data={s: dict(final_val=c.final_val, step1=c.monitor[0][1]) for s, c in runs.items()})
+
+
+def largest_update(c):
+    """The largest update/weight ratio of any block over the monitored steps."""
+    return max(max(m["update_ratio"]) for _, m in c.monitor)
 
 
 def findings(args, runs):
@@ -83,6 +89,18 @@ def findings(args, runs):
     best = min(finals, key=lambda s: finals[s] if not math.isnan(finals[s]) else math.inf)
     text.append("Final validation loss: " + ", ".join(
         f"{s} {common.fmt(v)}" for s, v in finals.items()) + f"; {best} ended lowest.")
+    unigram = common.unigram_loss(next(iter(runs.values())).run)
+    stalled = [s for s, v in finals.items() if abs(v - unigram) < 0.1]
+    if stalled:
+        text.append(f"Context-blind byte frequencies give {unigram:.3f}: "
+                    + " and ".join(stalled) + " ended within 0.1 of it, barely past "
+                    f"unigram statistics after {args.steps} steps.")
+    up = {s: largest_update(c) for s, c in runs.items()}
+    if up["gpt2"] > 2 * up["fan_in"]:
+        text.append(f"At lr {args.lr:g} the small weights of gpt2 and normal take steps up to "
+                    f"{up['gpt2']:.2g} and {up['normal']:.2g} of their size (update/weight "
+                    f"ratio; fan_in's largest is {up['fan_in']:.2g}): the learning rate that "
+                    "suits an init depends on its scale.")
     return " ".join(text)
 
 

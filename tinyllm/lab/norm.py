@@ -26,6 +26,10 @@ def add_arguments(p):
                    help="warmup steps of the runs with warmup (default 30)")
     p.add_argument("--d-model", type=int, default=32, help="model width (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--init", choices=["gpt2", "normal", "fan_in"], default="gpt2",
+                   help="weight initialization (default gpt2; GPT-1 used normal)")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="gradient-norm clip, 0 = off (default 1.0)")
 
 
 def run(args):
@@ -33,6 +37,8 @@ def run(args):
 
     if args.steps < 2 or args.d_model < 4 or args.d_model % 4 or not 0 < args.lr < 10:
         raise UsageError("--steps must be >= 2, --d-model a multiple of 4, --lr in (0, 10)")
+    if args.clip < 0:
+        raise UsageError(f"--clip: must be >= 0, got {args.clip:g}")
     if not 0 < args.warmup < args.steps:
         raise UsageError(f"--warmup: must be in 1..{args.steps - 1}, got {args.warmup}")
     runs, rows = {}, []
@@ -40,11 +46,12 @@ def run(args):
         for norm in ("pre", "post"):
             for warmup in (0, args.warmup):
                 model = dict(common.SMALL_MODEL, n_layers=depth, d_model=args.d_model,
-                             norm_position=norm)
+                             norm_position=norm, init=args.init)
                 c = common.train(f"{norm}-norm, {depth} layers, warmup {warmup}", args.steps,
                                  args.device, model, lr=args.lr, min_lr=args.lr / 10,
                                  warmup=warmup, batch_size=args.batch_size, seed=args.seed,
-                                 monitor=True, log_every=max(1, args.steps // 30))
+                                 clip=args.clip, char=True, monitor=True,
+                                 log_every=max(1, args.steps // 30))
                 status = status_of(c)
                 runs[depth, norm, warmup] = (c, status)
                 first = c.monitor[0][1]["grad_norm"]
@@ -61,11 +68,12 @@ def run(args):
                  "last / first", "largest update/weight ratio"],
         rows=rows, draw=lambda: draw(args, runs), shows=findings(args, runs),
         setup=[f"model: d_model {args.d_model}, 4 heads, context 64, llama flavour (RoPE, "
-               "RMSNorm, SwiGLU), GPT-2 initialization, BPE vocabulary 1024; depths "
-               + ", ".join(map(str, args.depths)),
+               f"RMSNorm, SwiGLU), {args.init} initialization, bytes as tokens (vocabulary "
+               "256, uniform loss ln 256 = 5.55); depths " + ", ".join(map(str, args.depths)),
                f"each run: {args.steps} steps of {args.batch_size} x 64 tokens on the built-in "
                f"corpus, peak lr {args.lr:g}, cosine to a tenth, AdamW (weight decay 0.1), "
-               f"gradient clip 1.0; warmup 0 or {args.warmup} steps",
+               + (f"gradient clip {args.clip:g}" if args.clip else "no gradient clipping")
+               + f"; warmup 0 or {args.warmup} steps",
                "gradient norms: the L2 norm of each block's parameter gradients before "
                "clipping, from `tinyllm train --monitor` (step 1: the initial weights)"],
         data={f"{d},{n},{w}": dict(final_val=c.final_val, status=s,
@@ -98,14 +106,23 @@ def findings(args, runs):
                 f"{g['pre'].mean():.2g} pre-norm and {g['post'].mean():.2g} post-norm; the last "
                 f"block's is {g['pre'][-1] / g['pre'][0]:.2g}x the first block's pre-norm and "
                 f"{g['post'][-1] / g['post'][0]:.2g}x post-norm.")
-    if g["post"].mean() < g["pre"].mean() / 3:
+    if g["post"].mean() < g["pre"].mean() / 3 and args.init != "fan_in":
         text.append("Post-norm starts with much smaller gradients: pre-norm's stream keeps the "
-                    "embeddings' small scale (RMS ~0.02 under GPT-2's init) and each norm "
-                    "divides by it in backward, while post-norm resets the stream to RMS 1 "
-                    "after every block.")
+                    "embeddings' small scale (RMS ~0.02 at init) and each norm divides by it "
+                    "in backward, while post-norm resets the stream to RMS 1 after every "
+                    "block.")
     elif g["post"][-1] / g["post"][0] > 2 * g["pre"][-1] / g["pre"][0]:
         text.append("Post-norm's gradient is concentrated in the top blocks, so one learning "
                     "rate is too large for them and too small for the bottom ones.")
+    unigram = common.unigram_loss(next(iter(runs.values()))[0].run)
+    near = [(d, n, w) for (d, n, w), (c, s) in runs.items()
+            if s == "ok" and abs(c.final_val - unigram) < 0.03]
+    if near:
+        text.append(f"Context-blind frequencies alone give {unigram:.3f} on the validation "
+                    "tokens; " + ", ".join(f"{n}-norm at {d} layers (warmup {w})"
+                                           for d, n, w in near)
+                    + f" ended within 0.03 of it: stalled, not diverged, after {args.steps} "
+                    "steps.")
     shallow = min(args.depths)
     s_pre, s_post = runs[shallow, "pre", 0][0], runs[shallow, "post", 0][0]
     if s_post.final_val <= s_pre.final_val:
@@ -127,7 +144,7 @@ def draw(args, runs):
     ax1.set_title(f"{deep} layers: training loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss (nats/token)")
-    ax1.set_ylim(top=min(ax1.get_ylim()[1], 2 * math.log(1024)))
+    ax1.set_ylim(top=min(ax1.get_ylim()[1], 2 * math.log(256)))
     ax2.set_title("final validation loss (missing: diverged)")
     ax2.set_xlabel("layers")
     for n, color in (("pre", "tab:blue"), ("post", "tab:red")):

@@ -52,7 +52,7 @@ def run(args):
                              lr=lr, min_lr=lr / 10, warmup=warmup, batch_size=args.batch_size,
                              seed=args.seed, log_every=max(1, args.steps // 60))
             if baseline is None:
-                baseline = unigram_loss(c.run.dataset, c.run.tokenizer.vocab_size)
+                baseline = common.unigram_loss(c.run)
             if c.diverged:
                 why = "diverged (" + c.diverged.split(" at ")[0].replace("the ", "") + \
                       (f" at step {c.diverged.rsplit(' ', 1)[-1]})" if " at step " in c.diverged
@@ -87,14 +87,6 @@ def run(args):
                "lowest value so far"],
         data=dict(grid=grid.tolist(), stable=stable.tolist(), baseline=baseline,
                   status={f"{w},{lr:g}": s for (w, lr), s in status.items()}))
-
-
-def unigram_loss(dataset, vocab_size):
-    """Cross-entropy (nats/token) of the validation tokens under the training split's token
-    frequencies (add-one smoothed): the loss of a model that ignores the context."""
-    counts = np.bincount(np.asarray(dataset.train), minlength=vocab_size) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(dataset.val)].mean())
 
 
 def largest_rise(losses):
