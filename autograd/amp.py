@@ -10,6 +10,8 @@ Precision modes (`set_precision`, or `with autocast(mode):`):
   softmax, norms and the loss. float16 has a narrow range: pair it with `GradScaler`.
 
 The mode is per thread: an autocast block in one thread leaves the others' products alone.
+`count_casts()` / `cast_counts()` count the operands' values that overflow or underflow when
+cast to the low dtype.
 """
 
 import threading
@@ -69,8 +71,47 @@ def low(a):
     """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
     low_ = _state.low
     if low_ is not None and a.dtype == np.float32:
-        return a.astype(low_)
+        b = a.astype(low_)
+        if _counting:
+            _count_cast(a, b)
+        return b
     return a
+
+
+# ---- what the casts lose, counted on request (a training monitor reads it) -------------------
+# Every operand of a low-precision product passes through low(): counting there sees them all.
+
+_counting = False
+_counts = {"values": 0, "overflow": 0, "underflow": 0}
+_counts_lock = threading.Lock()  # products run on several threads at once on the CPU
+
+
+def count_casts(on=True):
+    """Count, from now on (or no longer), the values cast to the low dtype: `overflow`,
+    finite float32 that became inf/nan; `underflow`, nonzero float32 that became 0. Costs
+    one pass over each operand while on; nothing while off."""
+    global _counting
+    _counting = bool(on)
+
+
+def cast_counts(reset=False):
+    """{"values", "overflow", "underflow"}: the counts since the last reset."""
+    with _counts_lock:
+        out = dict(_counts)
+        if reset:
+            _counts.update(values=0, overflow=0, underflow=0)
+    return out
+
+
+def _count_cast(a, b):
+    xp = backend.get_array_module(a)
+    b = b.astype(np.float32)  # bfloat16 has no ufuncs on every backend; float32 holds it exactly
+    overflow = int(xp.count_nonzero(xp.isfinite(a) & ~xp.isfinite(b)))
+    underflow = int(xp.count_nonzero((a != 0) & (b == 0)))
+    with _counts_lock:
+        _counts["values"] += a.size
+        _counts["overflow"] += overflow
+        _counts["underflow"] += underflow
 
 
 def high(a, dtype):

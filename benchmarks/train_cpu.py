@@ -13,6 +13,11 @@ threads, 1 BLAS thread each; the "tinyllm mode" column says which (shards x BLAS
     python benchmarks/train_cpu.py --profile       # cProfile of tinyllm's step
     python benchmarks/train_cpu.py --threads 1     # NumPy's BLAS and torch on 1 thread each
     python benchmarks/train_cpu.py --data-threads 1  # tinyllm's batch not split (BLAS threads only)
+    python benchmarks/train_cpu.py --monitor       # the cost of tinyllm train --monitor
+
+--monitor times tinyllm's step with the training-health monitor (tinyllm.monitor) on every
+step and off, alternating on the same model (so both see the same load), and prints the cost;
+PyTorch is left out.
 
 As `tinyllm train` does on the CPU, the process first asks glibc's malloc to keep freed memory
 for reuse (`tinyllm.perf.reuse_freed_memory`; it applies to both libraries here);
@@ -141,6 +146,32 @@ def time_steps(step, data, warmup):
     return statistics.median(times)
 
 
+def bench_monitor(cfg, B, T, steps, warmup, shards):
+    """Median step time with the monitor off and on (every step), alternating."""
+    from tinyllm.monitor import Monitor
+
+    autograd.manual_seed(0)
+    model = GPT(cfg)
+    params = model.parameters()
+    opt = AdamW(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    monitor = Monitor(model)
+    times = {False: [], True: []}
+    for i, (x, y) in enumerate(batches(cfg.vocab_size, B, T, 2 * (steps + warmup))):
+        on = bool(i % 2)
+        t0 = time.perf_counter()
+        if on:
+            monitor.begin()
+        accumulate_grads(model, params, [(x, y)], shards)
+        if on:
+            monitor.before_update()
+        apply_update(params, opt, clip=1.0)
+        if on:
+            monitor.end()
+        if i >= 2 * warmup:
+            times[on].append(time.perf_counter() - t0)
+    return statistics.median(times[False]), statistics.median(times[True]), model
+
+
 def bench_tinyllm(cfg, B, T, steps, warmup, shards):
     autograd.manual_seed(0)
     model = GPT(cfg)
@@ -187,6 +218,8 @@ def main():
     ap.add_argument("--threads", type=int, help="threads for both (NumPy's BLAS and torch)")
     ap.add_argument("--data-threads", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="tinyllm's data_threads setting, as in `tinyllm train` (default auto)")
+    ap.add_argument("--monitor", action="store_true",
+                    help="time tinyllm's step with the training-health monitor off and on")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not call reuse_freed_memory (glibc returns large blocks to the OS)")
     args = ap.parse_args()
@@ -205,15 +238,26 @@ def main():
     print(f"# {cpu_model()}, nproc {os.cpu_count()}, numpy {np.__version__}"
           + (f", torch {torch.__version__} ({threads} threads)" if torch else ", no torch")
           + f", malloc {'keeps freed memory' if reuse else 'default'}, {time.strftime('%Y-%m-%d')}")
-    print("| model | params | batch x block | tinyllm mode | tinyllm tok/s | PyTorch tok/s "
-          "| tinyllm / PyTorch |")
-    print("|---|---|---|---|---|---|---|")
+    if args.monitor:
+        print("| model | params | batch x block | tinyllm mode | step, monitor off | step, "
+              "monitor on | cost |")
+        print("|---|---|---|---|---|---|---|")
+    else:
+        print("| model | params | batch x block | tinyllm mode | tinyllm tok/s | PyTorch tok/s "
+              "| tinyllm / PyTorch |")
+        print("|---|---|---|---|---|---|---|")
     for name, (preset, over, B, T) in CASES.items():
         if args.only and name != args.only:
             continue
         cfg = preset_config(preset, **over)
         shards = shard_count(args.data_threads, B, "cpu", cfg.dropout, args.threads)
         mode = f"{shards} x {1 if shards > 1 else blas_thread_count() or '?'}"
+        if args.monitor:
+            off, on, model = bench_monitor(cfg, B, T, args.steps, args.warmup, shards)
+            print(f"| {name} ({cfg.n_layers}x{cfg.d_model}) | {model.num_parameters() / 1e6:.2f}M "
+                  f"| {B} x {T} | {mode} | {1e3 * off:.1f} ms | {1e3 * on:.1f} ms "
+                  f"| {100 * (on - off) / off:+.1f}% |", flush=True)
+            continue
         t_ours, step, model = bench_tinyllm(cfg, B, T, args.steps, args.warmup, shards)
         ours = B * T / t_ours
         if torch is not None:

@@ -97,3 +97,29 @@ def test_float16_training_survives_injected_overflow():
         losses.append(loss.item())
     assert scaler.scale_value == 2.0**11  # halved once
     assert losses[-1] < losses[0]  # and training went on
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode, tiny, huge", [("float16", 1e-9, 1e5), ("bfloat16", 1e-42, 3.4e38)])
+def test_cast_counts_name_overflows_and_underflows(device, mode, tiny, huge):
+    if mode == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    x = np.ones((3, 4), np.float32)
+    x[0, 0], x[1, 2], x[2, 3] = tiny, huge, 0.0  # an underflow, an overflow, a zero that stays
+    x[2, 0] = np.inf  # already inf: not an overflow of the cast
+    w = np.full((5, 4), 0.5, np.float32)
+    w[4, 1] = -huge
+    amp.cast_counts(reset=True)
+    with amp.autocast(mode), autograd.no_grad():
+        ops.linear(Tensor(x, device=device), Tensor(w, device=device))  # counting off
+    assert amp.cast_counts() == {"values": 0, "overflow": 0, "underflow": 0}
+    amp.count_casts()
+    try:
+        with amp.autocast(mode), autograd.no_grad():
+            ops.linear(Tensor(x, device=device), Tensor(w, device=device))
+            ops.linear(Tensor(x, device=device), Tensor(w, device=device))
+        ops.linear(Tensor(x, device=device), Tensor(w, device=device))  # float32: no cast
+    finally:
+        amp.count_casts(False)
+    assert amp.cast_counts(reset=True) == {"values": 2 * (12 + 20), "overflow": 4, "underflow": 2}
+    assert amp.cast_counts() == {"values": 0, "overflow": 0, "underflow": 0}

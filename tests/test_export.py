@@ -195,6 +195,10 @@ def test_float16_overflow_is_refused_and_nothing_written(tok, tmp_path):
     (dict(FLAVOURS["llama"], norm="layer"), ["Llama", "norm='layer'"]),
     (dict(FLAVOURS["llama"], positions="learned"), ["Llama", "positions='learned'"]),
     (dict(FLAVOURS["llama"], mlp="gelu"), ["Llama", "mlp='gelu'"]),
+    (dict(FLAVOURS["llama"], norm_position="post"), ["Llama", "norm_position='post'"]),
+    (dict(FLAVOURS["gpt2"], norm_position="post"), ["GPT-2", "norm_position='post'"]),
+    (dict(FLAVOURS["llama"], positions="sinusoidal"), ["Llama", "positions='sinusoidal'"]),
+    (dict(FLAVOURS["gpt2"], positions="none"), ["GPT-2", "positions='none'"]),
 ])
 def test_settings_hugging_face_cannot_represent_are_refused(settings, words, tok, tmp_path):
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_layers=1, **settings)

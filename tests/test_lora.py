@@ -256,6 +256,29 @@ def test_apply_lora_trains_only_the_adapters_and_merges_to_the_same_model(device
     assert np.abs(merged_logits - logits_of(base_model(base, device), idx)).max() > 1e-3
 
 
+@pytest.mark.parametrize("options", [dict(norm_position="post", positions="sinusoidal"),
+                                     dict(positions="none", init="fan_in")])
+def test_lora_on_post_norm_and_other_positions_trains_merges_and_decodes(options):
+    model = tiny_gpt(**options)
+    params = apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    idx, targets = batch()
+    opt = AdamW(params, lr=1e-2, weight_decay=0.0)
+    for _ in range(2):
+        _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    wrapped = logits_of(model, idx)
+    merge_lora(model)
+    np.testing.assert_allclose(logits_of(model, idx), wrapped, rtol=1e-5,
+                               atol=1e-5 * np.abs(wrapped).max())
+    with no_grad():  # the KV cache, one position at a time, gives the full forward's logits
+        cache = model.new_cache(4)
+        steps = [model(idx[:, t:t + 1], cache=cache)[0].numpy() for t in range(16)]
+    np.testing.assert_allclose(np.concatenate(steps, 1), logits_of(model, idx), rtol=1e-4,
+                               atol=1e-5)
+
+
 def base_model(state, device="cpu"):
     """A fresh unwrapped tiny GPT holding `state`."""
     model = tiny_gpt(seed=99, device=device)

@@ -19,6 +19,16 @@ from tinyllm.rope import rope, rope_tables
 LLAMA = dict(positions="rope", norm="rms", mlp="swiglu", bias=False)
 GPT2 = dict(positions="learned", norm="layer", mlp="gelu", bias=True)
 FLAVOURS = {"llama": LLAMA, "gpt2": GPT2}
+# the design choices of ModelConfig beyond the two flavours (see tinyllm/model.py)
+FLAVOURS.update({
+    "post": dict(LLAMA, norm_position="post"),
+    "post-gpt2": dict(GPT2, norm_position="post"),
+    "sinusoidal": dict(LLAMA, positions="sinusoidal"),
+    "learned-llama": dict(LLAMA, positions="learned"),
+    "nopos": dict(GPT2, positions="none"),
+    "fan_in": dict(LLAMA, init="fan_in"),
+})
+VARIANTS = ["post", "post-gpt2", "sinusoidal", "learned-llama", "nopos", "fan_in"]
 
 
 def tiny(flavour="llama", **kw):
@@ -94,7 +104,7 @@ def test_presets_and_accounting():
 
 # ---- causality ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"] + VARIANTS)
 @given(data=st.data())
 def test_causality(flavour, data):
     model = _causal_models[flavour]
@@ -209,7 +219,7 @@ def _check_module(module, x, *extra):
     assert gradcheck(lambda x, *ps: module(x, *extra), [x, *params], atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+@pytest.mark.parametrize("flavour", ["llama", "gpt2", "post", "post-gpt2"])
 def test_gradcheck_layers(flavour):
     cfg = tiny(flavour, d_model=8, n_heads=2, n_kv_heads=1, d_ff=12)
     model = model_for(cfg)
@@ -225,7 +235,7 @@ def test_gradcheck_layers(flavour):
     _check_module(block, x, tables)
 
 
-@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"] + VARIANTS)
 def test_gradcheck_whole_model_loss(flavour):
     cfg = tiny(flavour, d_model=8, n_heads=2, n_kv_heads=1, d_ff=8, n_layers=1, vocab_size=7,
                context_length=6)
@@ -269,7 +279,8 @@ def test_init_keeps_deep_residual_stream_stable_and_loss_at_log_vocab(flavour):
 
 # ---- KV cache -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flavour,kv", [("llama", 4), ("llama", 2), ("gpt2", 4), ("gpt2", 1)])
+@pytest.mark.parametrize("flavour,kv", [("llama", 4), ("llama", 2), ("gpt2", 4), ("gpt2", 1)]
+                         + [(v, 2) for v in VARIANTS])
 def test_kv_cache_step_by_step_equals_full_forward(flavour, kv):
     model = model_for(tiny(flavour, n_kv_heads=kv))
     idx = np.random.default_rng(6).integers(0, 23, (3, 14))
@@ -334,3 +345,111 @@ def test_loss_without_logits_equals_loss_from_logits(flavour, tied):
     assert set(got) == set(want) and ("lm_head.weight" in got) != tied
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+# ---- design choices: norm position, positions, init schemes --------------------------------
+
+def _stats(model):
+    return {n: (float(p.data.mean()), float(p.data.std()), float(np.abs(p.data).max()))
+            for n, p in model.named_parameters()}
+
+
+def test_init_normal_draws_every_weight_at_init_std():
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=6, n_heads=4, init="normal",
+                      tie_embeddings=False, **GPT2)
+    autograd.manual_seed(0)
+    stats = _stats(GPT(cfg))
+    for name in ("tok_emb.weight", "pos_emb.weight", "lm_head.weight", "blocks.5.attn.wq.weight",
+                 "blocks.5.attn.wo.weight", "blocks.5.mlp.w1.weight", "blocks.5.mlp.w2.weight"):
+        mean, std, _ = stats[name]
+        assert std == pytest.approx(0.02, rel=0.03), name  # wo, w2 not scaled down
+        assert abs(mean) < 0.002, name
+    assert stats["blocks.5.attn.wo.bias"] == (0.0, 0.0, 0.0)
+    assert stats["blocks.5.norm1.weight"][:2] == (1.0, 0.0)
+
+
+def test_init_fan_in_is_pytorchs_default():
+    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=3, n_heads=4, init="fan_in",
+                      tie_embeddings=False, **GPT2)
+    autograd.manual_seed(0)
+    model = GPT(cfg)
+    stats = _stats(model)
+    # uniform(-b, b), b = 1/sqrt(fan_in): std b/sqrt(3), every value inside +-b, biases too
+    for name, fan_in in (("blocks.2.attn.wq.weight", 128), ("blocks.2.attn.wo.weight", 128),
+                         ("blocks.2.mlp.w2.weight", 512), ("blocks.2.mlp.w2.bias", 512),
+                         ("lm_head.weight", 128)):
+        mean, std, top = stats[name]
+        b = 1 / math.sqrt(fan_in)
+        assert std == pytest.approx(b / math.sqrt(3), rel=0.1 if "bias" in name else 0.03), name
+        assert top <= b and top > 0.95 * b, name
+    for name in ("tok_emb.weight", "pos_emb.weight"):  # nn.Embedding: normal(0, 1)
+        assert stats[name][1] == pytest.approx(1.0, rel=0.02), name
+
+
+def test_init_gpt2_is_the_default_and_old_configs_load_as_before():
+    cfg = ModelConfig()
+    assert (cfg.norm_position, cfg.positions, cfg.init) == ("pre", "rope", "gpt2")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("norm_position", "init")}
+    assert ModelConfig.from_dict(old) == cfg
+    for bad, msg in ((dict(norm_position="mid"), "norm_position must be one of"),
+                     (dict(positions="alibi"), "positions must be one of"),
+                     (dict(init="xavier"), "init must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            ModelConfig(**bad)
+
+
+def test_post_norm_block_output_is_normalized_and_there_is_no_final_norm():
+    cfg = tiny("post", n_layers=3)
+    autograd.manual_seed(0)
+    model = GPT(cfg)  # norm weights 1: every block's output has RMS 1 at each position
+    assert model.norm_f is None and not any("norm_f" in n for n in model.state_dict())
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 5, 16)) * 7)
+    tables = model.rope.tables(0, 5, np.float64)
+    y = model.blocks[0](x, tables).data
+    np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)
+    # and it is norm2(h + mlp(h)) with h = norm1(x + attn(x)), by hand
+    b = model.blocks[0]
+    h = b.norm1(x + b.attn(x, tables))
+    np.testing.assert_allclose(y, b.norm2(h + b.mlp(h)).data, rtol=1e-12)
+    with no_grad():
+        hidden = model.hidden(np.arange(5)[None])
+    np.testing.assert_allclose(np.sqrt((hidden.data ** 2).mean(-1)), 1.0, rtol=1e-4)
+
+
+def test_sinusoidal_positions_are_vaswanis_table_at_the_embeddings_scale():
+    cfg = tiny("sinusoidal", d_model=32, context_length=64, n_heads=4)
+    autograd.manual_seed(0)
+    model = GPT(cfg)
+    assert model.rope is None and model.pos_emb is None
+    assert not any("pos" in n for n in model.state_dict())  # a fixed table: nothing to save
+    table = model.pos_table.rows(0, 64, np.float64)
+    t, i = 37, 5  # PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(...), times the scale
+    scale = math.sqrt(2) * cfg.init_std
+    assert table[t, 2 * i] == pytest.approx(scale * math.sin(t / 10000 ** (2 * i / 32)), rel=1e-12)
+    assert table[t, 2 * i + 1] == pytest.approx(scale * math.cos(t / 10000 ** (2 * i / 32)),
+                                                rel=1e-12)
+    assert float(np.sqrt((table ** 2).mean())) == pytest.approx(cfg.init_std, rel=0.05)
+    # the input of block 0 is token embedding + table row
+    idx = np.array([[3, 1, 4, 1, 5]])
+    seen = []
+    model.blocks[0].norm1.forward = lambda x, f=model.blocks[0].norm1.forward: (
+        seen.append(x.data.copy()), f(x))[1]
+    with no_grad():
+        model(idx)
+    np.testing.assert_allclose(seen[0], model.tok_emb.weight.data[idx] + table[:5], rtol=1e-12)
+
+
+def test_no_positions_model_sees_a_bag_of_tokens_at_the_first_layer():
+    # without positions one layer's output at position t depends only on the token at t and
+    # the multiset of tokens 0..t: swapping two earlier tokens leaves the last position alone
+    model = model_for(tiny("nopos", n_layers=1))
+    with no_grad():
+        a, _ = model(np.array([[1, 2, 3, 4, 5]]))
+        b, _ = model(np.array([[2, 1, 3, 4, 5]]))
+    np.testing.assert_allclose(a.data[0, 4], b.data[0, 4], rtol=1e-10)
+    assert not np.allclose(a.data[0, 0], b.data[0, 0])
+    rope_model = model_for(tiny("llama", n_layers=1))
+    with no_grad():
+        ra, _ = rope_model(np.array([[1, 2, 3, 4, 5]]))
+        rb, _ = rope_model(np.array([[2, 1, 3, 4, 5]]))
+    assert not np.allclose(ra.data[0, 4], rb.data[0, 4])  # with positions, order matters

@@ -232,3 +232,35 @@ def test_checkpoint_blocks_trains_like_the_plain_model(tmp_path, corpus):
     unsplit, _ = train(config(tmp_path / "d", corpus, data_threads=2))
     for k, v in weights(unsplit).items():
         np.testing.assert_allclose(weights(split)[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_design_flags_reach_the_model_the_checkpoint_and_generation(tmp_path, corpus, capsys):
+    out = tmp_path / "post"
+    rc = cli_main(["train", "--data", str(corpus), "--char", "--steps", "3", "--batch-size", "2",
+                   "--block-size", "16", "--eval-every", "3", "--eval-iters", "1",
+                   "--sample-tokens", "0", "-m", "n_layers=1", "-m", "d_model=32",
+                   "-m", "n_heads=2", "-m", "context_length=16", "--norm-position", "post",
+                   "--positions", "sinusoidal", "--init", "normal", "-o", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert rc == 0
+    meta, _ = load_checkpoint(out / "last.ckpt")
+    got = {k: meta["model_config"][k] for k in ("norm_position", "positions", "init")}
+    assert got == {"norm_position": "post", "positions": "sinusoidal", "init": "normal"}
+    from tinyllm.generate import load_for_generation
+
+    model, tok = load_for_generation(str(out))
+    assert model.config.norm_position == "post" and model.norm_f is None
+    assert model.pos_table is not None
+    assert cli_main(["train", "--positions", "alibi", "-q"]) == 2
+    assert "invalid choice: 'alibi'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_before_the_design_settings_resumes(tmp_path, corpus):
+    train(config(tmp_path, corpus, steps=3))
+    path = tmp_path / "run" / "last.ckpt"
+    meta, arrays = load_checkpoint(path)
+    for key in ("norm_position", "init"):  # as written before these settings existed
+        del meta["model_config"][key]
+    save_checkpoint(path, meta, arrays)
+    run, s = train(config(tmp_path, corpus, steps=6), resume=tmp_path / "run")
+    assert s["step"] == 6 and run.model.config.norm_position == "pre"

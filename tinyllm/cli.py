@@ -140,6 +140,7 @@ def build_parser():
     from tinyllm import reward; reward.register(sub)  # noqa: E702
     from tinyllm import rl; rl.register(sub)  # noqa: E702
     from tinyllm import serve; serve.register(sub)  # noqa: E702
+    from tinyllm import lab; lab.register(sub)  # noqa: E702
     return parser
 
 

@@ -12,6 +12,9 @@ override switches a preset's flavour. `vocab_size` is usually set from the token
 
 from dataclasses import asdict, dataclass, fields
 
+POSITIONS = ("rope", "learned", "sinusoidal", "none")
+INITS = ("gpt2", "normal", "fan_in")
+
 FLAVOURS = {
     "gpt2": dict(positions="learned", norm="layer", mlp="gelu", bias=True),
     "llama": dict(positions="rope", norm="rms", mlp="swiglu", bias=False),
@@ -29,7 +32,9 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4 d_model for gelu, ~8/3 d_model (multiple of 32) for swiglu
     norm: str = "rms"  # "rms" | "layer"
     mlp: str = "swiglu"  # "swiglu" | "gelu" (tanh approximation, GPT-2's "gelu_new")
-    positions: str = "rope"  # "rope" | "learned"
+    # "rope" | "learned" | "sinusoidal" (the fixed table of Vaswani et al.) | "none" (no
+    # position signal: only the causal mask tells positions apart)
+    positions: str = "rope"
     rope_theta: float = 10000.0
     rope_style: str = "half"  # "half" (rotate-half, HF Llama) | "interleaved" (pairs 2i, 2i+1)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
@@ -37,6 +42,13 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # "pre": x = x + f(norm(x)), a final norm (GPT-2, Llama); "post": x = norm(x + f(x)), no
+    # final norm (the original Transformer, GPT-1)
+    norm_position: str = "pre"
+    # "gpt2": normal(0, init_std), the residual projections / sqrt(2 n_layers); "normal":
+    # normal(0, init_std) everywhere; "fan_in": PyTorch's defaults (Linear weights and biases
+    # uniform(+-1/sqrt(fan_in)), embeddings normal(0, 1))
+    init: str = "gpt2"
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -51,7 +63,8 @@ class ModelConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig: {name} must be a positive integer, got {value!r}")
         choices = dict(norm=("rms", "layer"), mlp=("swiglu", "gelu"),
-                       positions=("rope", "learned"), rope_style=("half", "interleaved"))
+                       positions=POSITIONS, rope_style=("half", "interleaved"),
+                       norm_position=("pre", "post"), init=INITS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -70,6 +70,9 @@ def hf_architecture(cfg):
                          else ("llama", _LLAMA_NEEDS, "Llama"))
     bad = [f"{k}={getattr(cfg, k)!r} (it has {what}, {k}={v!r})"
            for k, v, what in needs if getattr(cfg, k) != v]
+    if cfg.norm_position != "pre":
+        bad.append(f"norm_position={cfg.norm_position!r} (it normalizes each branch's input, "
+                   f"norm_position='pre')")
     if arch == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
         bad.append(f"n_kv_heads={cfg.n_kv_heads} with n_heads={cfg.n_heads} (it has no "
                    f"grouped-query attention)")

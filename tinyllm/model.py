@@ -1,35 +1,54 @@
 """The decoder-only transformer (GPT), in the GPT-2 or the Llama flavour.
 
-    logits = head(norm_f(blocks(embed(idx))))
-    block:   x = x + attn(norm1(x));  x = x + mlp(norm2(x))          (pre-norm, residual)
-    attn:    causal multi-head attention, grouped-query when n_kv_heads < n_heads,
-             RoPE on q and k (positions="rope") or learned position embeddings added to the input
+    logits = head(norm_f(blocks(embed(idx) [+ positions])))
+    block:   x = x + attn(norm1(x));  x = x + mlp(norm2(x))          norm_position="pre"
+             x = norm1(x + attn(x));  x = norm2(x + mlp(x))          norm_position="post"
+    attn:    causal multi-head attention, grouped-query when n_kv_heads < n_heads
     mlp:     w2(gelu(w1 x))  or  w2(silu(w1 x) * w3 x)  (SwiGLU)
+
+Design choices (ModelConfig), each usable with the others:
+
+    norm_position  "pre" (GPT-2, Llama): the residual stream is never normalized, only each
+                   branch's input, and a final norm_f before the head.  "post" (the original
+                   Transformer, GPT-1): the sum is normalized after each branch; no norm_f (the
+                   last block's output is already normalized).
+    positions      "rope": q and k rotated by the position (rope.py).  "learned": a trained
+                   table added to the token embeddings.  "sinusoidal": the fixed table of
+                   Vaswani et al., sin/cos of t / 10000^(2i/d), added to the token embeddings
+                   and scaled to their init RMS (at amplitude 1 it would drown embeddings drawn
+                   at std 0.02; the original instead scales the embeddings up by sqrt(d)).
+                   "none": no position signal; only the causal mask tells positions apart.
+    init           "gpt2" (below); "normal": every Linear and Embedding weight ~ normal(0,
+                   init_std), residual projections included; "fan_in": PyTorch's defaults,
+                   Linear weights and biases ~ uniform(+-1/sqrt(fan_in)), Embedding ~ normal(0, 1).
 
 Parameter names in `state_dict()` (they follow the module tree):
 
     tok_emb.weight                      (vocab_size, d_model)
     pos_emb.weight                      (context_length, d_model), learned positions only
-    blocks.N.norm1.weight [.bias]       attention pre-norm (bias: LayerNorm with bias=True)
+    blocks.N.norm1.weight [.bias]       the attention branch's norm (bias: LayerNorm, bias=True)
     blocks.N.attn.wq.weight [.bias]     (n_heads * head_dim, d_model)
     blocks.N.attn.wk.weight [.bias]     (n_kv_heads * head_dim, d_model)
     blocks.N.attn.wv.weight [.bias]     (n_kv_heads * head_dim, d_model)
     blocks.N.attn.wo.weight [.bias]     (d_model, n_heads * head_dim)
-    blocks.N.norm2.weight [.bias]       MLP pre-norm
+    blocks.N.norm2.weight [.bias]       the MLP branch's norm
     blocks.N.mlp.w1.weight [.bias]      (d_ff, d_model): the GELU MLP's input, SwiGLU's gate
     blocks.N.mlp.w3.weight              (d_ff, d_model): SwiGLU's up projection only
     blocks.N.mlp.w2.weight [.bias]      (d_model, d_ff): the down projection
-    norm_f.weight [.bias]               final norm
+    norm_f.weight [.bias]               final norm, pre-norm only
     lm_head.weight                      (vocab_size, d_model), absent with tie_embeddings
 
-Initialization (GPT-2's, keeps deep models stable): every Linear and Embedding weight
-~ normal(0, init_std=0.02); the two projections that write into the residual stream
-(attn.wo, mlp.w2) ~ normal(0, 0.02 / sqrt(2 n_layers)), since each of the 2 n_layers residual
-branches adds its variance to the stream; biases 0; norm weights 1. Random numbers come from
-`autograd.backend.rng("cpu")` (seed with `autograd.manual_seed`), then move to config.device.
+Initialization "gpt2" (the default; keeps deep pre-norm models stable): every Linear and
+Embedding weight ~ normal(0, init_std=0.02); the two projections that write into the residual
+stream (attn.wo, mlp.w2) ~ normal(0, 0.02 / sqrt(2 n_layers)), since each of the 2 n_layers
+residual branches adds its variance to the stream; biases 0; norm weights 1. Random numbers
+come from `autograd.backend.rng("cpu")` (seed with `autograd.manual_seed`), then move to
+config.device.
 
 Generation uses a KV cache: `cache = model.new_cache(batch_size)`, then
 `model(prompt, cache=cache)` and `model(next_tokens, cache=cache)` step by step; see KVCache.
+A block's `probe`, when set, is called with (layer, attention output, MLP output, block
+output) in each forward (the training-health monitor reads activations through it).
 """
 
 import math
@@ -87,10 +106,54 @@ class KVCache:
         self.length = 0
 
 
+def init_stds(cfg):
+    """(std, out_std): the normal std of the Linear weights that read the residual stream and
+    of those that write into it (attn.wo, mlp.w2) under cfg.init; None: fan-in uniform."""
+    if cfg.init == "fan_in":
+        return None, None
+    if cfg.init == "normal":
+        return cfg.init_std, cfg.init_std
+    return cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+def embedding_std(cfg):
+    """Token (and learned position) embeddings ~ normal(0, this)."""
+    return 1.0 if cfg.init == "fan_in" else cfg.init_std
+
+
+def sinusoid_table(n_positions, d):
+    """Vaswani et al.'s positions, (n_positions, d) in float64: column 2i holds
+    sin(t / 10000^(2i/d)), column 2i+1 the cos of the same angle."""
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)
+    table = np.empty((n_positions, d))
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles[:, : d // 2])
+    return table
+
+
+class SinusoidalPositions(Module):
+    """The fixed position table (a buffer: not saved, not trained), scaled by `scale`
+    (sqrt(2) x the embeddings' std: each sin/cos column has mean square 1/2)."""
+
+    def __init__(self, n_positions, d, scale, dtype=None, device=None):
+        self.scale = scale
+        self.table = Tensor(sinusoid_table(n_positions, d) * scale, dtype=dtype or "float32",
+                            device=device)
+
+    def rows(self, start, length, dtype):
+        """Positions start .. start+length-1 as an array of `dtype`."""
+        if self.table.dtype != dtype:  # e.g. after model.to(dtype=...): recompute, do not upcast
+            n, d = self.table.shape
+            self.table = Tensor(sinusoid_table(n, d) * self.scale, dtype=dtype,
+                                device=self.table.device)
+        return self.table.data[start:start + length]
+
+
 class CausalSelfAttention(Module):
     def __init__(self, cfg, layer):
         d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        std, out_std = init_stds(cfg)
         kw = dict(bias=cfg.bias, dtype=cfg.dtype, device=cfg.device)
         self.wq = Linear(d, H * D, std=std, **kw)
         self.wk = Linear(d, Hkv * D, std=std, **kw)
@@ -122,7 +185,7 @@ class CausalSelfAttention(Module):
 class MLP(Module):
     def __init__(self, cfg):
         d, f = cfg.d_model, cfg.d_ff
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        std, out_std = init_stds(cfg)
         kw = dict(bias=cfg.bias, dtype=cfg.dtype, device=cfg.device)
         self.swiglu = cfg.mlp == "swiglu"
         self.w1 = Linear(d, f, std=std, **kw)
@@ -151,10 +214,23 @@ class Block(Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
+        self.layer, self.post_norm = layer, cfg.norm_position == "post"
+        self.probe = None  # see the module docstring
 
     def forward(self, x, rope_tables=None, cache=None):
-        x = x + self.attn(self.norm1(x), rope_tables, cache)
-        return x + self.mlp(self.norm2(x))
+        if self.post_norm:
+            a = self.attn(x, rope_tables, cache)
+            x = self.norm1(x + a)
+            m = self.mlp(x)
+            x = self.norm2(x + m)
+        else:
+            a = self.attn(self.norm1(x), rope_tables, cache)
+            x = x + a
+            m = self.mlp(self.norm2(x))
+            x = x + m
+        if self.probe is not None:
+            self.probe(self.layer, a, m, x)
+        return x
 
 
 class GPT(Module):
@@ -166,23 +242,27 @@ class GPT(Module):
             raise TypeError(f"GPT needs a ModelConfig, not {type(config).__name__}")
         cfg = self.config = config
         kw = dict(dtype=cfg.dtype, device=cfg.device)
-        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, **kw)
-        self.pos_emb = None
-        self.rope = None
+        emb_std = embedding_std(cfg)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=emb_std, **kw)
+        self.pos_emb = self.rope = self.pos_table = None
         if cfg.positions == "learned":
-            self.pos_emb = Embedding(cfg.context_length, cfg.d_model, std=cfg.init_std, **kw)
-        else:
+            self.pos_emb = Embedding(cfg.context_length, cfg.d_model, std=emb_std, **kw)
+        elif cfg.positions == "sinusoidal":
+            self.pos_table = SinusoidalPositions(cfg.context_length, cfg.d_model,
+                                                 math.sqrt(2) * emb_std, **kw)
+        elif cfg.positions == "rope":
             self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta,
                                         cfg.rope_style, **kw)
         self.drop = Dropout(cfg.dropout)
         self.blocks = [Block(cfg, i) for i in range(cfg.n_layers)]
-        self.norm_f = _norm(cfg)
+        self.norm_f = _norm(cfg) if cfg.norm_position == "pre" else None
         # activation checkpointing (a training setting, not part of the model): when True,
         # training forwards keep only each block's input and recompute the block in backward
         self.checkpoint_blocks = False
         self.lm_head = None
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, **kw)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=init_stds(cfg)[0],
+                                  **kw)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -276,6 +356,8 @@ class GPT(Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[start:start + T]
+        elif self.pos_table is not None:
+            x = x + Tensor(self.pos_table.rows(start, T, x.dtype))
         x = self.drop(x)
         tables = self.rope.tables(start, T, x.dtype) if self.rope is not None else None
         recompute = self.checkpoint_blocks and self.training and cache is None and is_grad_enabled()
@@ -288,7 +370,7 @@ class GPT(Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return self.norm_f(x)
+        return x if self.norm_f is None else self.norm_f(x)
 
     # ---- accounting ----------------------------------------------------------------------------
     def num_params(self, non_embedding=True):

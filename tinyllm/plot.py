@@ -1,5 +1,6 @@
 """`tinyllm plot RUN_DIR`: the loss curves of a run (metrics.jsonl) drawn to a PNG; for an RL
-run (`tinyllm rl`), its reward, held-out figures, KL and completion length.
+run (`tinyllm rl`), its reward, held-out figures, KL and completion length;
+`tinyllm plot --monitor RUN_DIR`: the training-health monitor's figures per layer.
 
 matplotlib is an optional extra (`pip install 'tinyllm[plot]'`), imported only here.
 """
@@ -7,6 +8,8 @@ matplotlib is an optional extra (`pip install 'tinyllm[plot]'`), imported only h
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 
 def read_metrics(run_dir):
@@ -26,14 +29,15 @@ def read_metrics(run_dir):
     return train, val
 
 
-def _pyplot():
+def pyplot(command="tinyllm plot"):
+    """matplotlib.pyplot on the file-only Agg backend; RuntimeError naming the extra if absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("tinyllm plot needs matplotlib: pip install 'tinyllm[plot]' "
+        raise RuntimeError(f"{command} needs matplotlib: pip install 'tinyllm[plot]' "
                            "(or pip install matplotlib)") from None
     return plt
 
@@ -43,7 +47,7 @@ def plot_run(run_dir, out=None, log_y=False):
     run's curves (`plot_rl`); returns the PNG path (default RUN_DIR/loss.png)."""
     if not (Path(run_dir) / "metrics.jsonl").exists():
         read_metrics(run_dir)  # names the missing folder or file, before matplotlib
-    plt = _pyplot()
+    plt = pyplot()
     train, val = read_metrics(run_dir)
     if not train and not val:
         raise ValueError(f"{run_dir}: metrics.jsonl has no records yet")
@@ -97,7 +101,7 @@ def plot_rl(run_dir, records, out=None):
     """Four panels of an RL run against the step: the mean training reward (and its running
     mean), the held-out figures of each evaluation (pass@1, per task, mean reward), the KL
     to the starting model (beta > 0) and the mean completion length."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in records if "reward" in r]
     train = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval_n" in r]
@@ -145,9 +149,62 @@ def plot_rl(run_dir, records, out=None):
     return out
 
 
+# (key in the monitor's record, panel title, log scale)
+MONITOR_PANELS = (("resid_rms", "residual stream RMS after the block", True),
+                  ("attn_rms", "attention output RMS", True),
+                  ("mlp_rms", "MLP output RMS", True),
+                  ("grad_norm", "gradient norm of the block", True),
+                  ("update_ratio", "update / weight ratio", True))
+
+
+def plot_monitor(run_dir, out=None):
+    """Draw the monitor's per-layer figures (a run trained with --monitor) against the step,
+    one line per layer, and the float16/bfloat16 cast counts when there are any; returns the
+    PNG path (default RUN_DIR/monitor.png)."""
+    train, _ = read_metrics(run_dir)
+    recs = [r for r in train if "monitor" in r]
+    if not recs:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no monitor figures (train with --monitor)")
+    plt = pyplot()
+    casts = "overflow" in recs[0]["monitor"]
+    panels = MONITOR_PANELS + ((("casts", "cast overflows / underflows", True),) if casts else ())
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    steps = [r["step"] for r in recs]
+    n_layers = len(recs[0]["monitor"]["resid_rms"])
+    colors = plt.cm.viridis(np.linspace(0, 0.9, n_layers))
+    for ax, (key, title, log) in zip(axes.flat, panels):
+        if key == "casts":
+            for name, style in (("overflow", "-"), ("underflow", "--")):
+                ax.plot(steps, [r["monitor"][name] for r in recs], style, label=name)
+            ax.legend(fontsize=8)
+            ax.set_yscale("symlog")
+        else:
+            values = np.array([r["monitor"][key] for r in recs], dtype=float)
+            for i in range(n_layers):
+                ax.plot(steps, values[:, i], color=colors[i], lw=1.2,
+                        label=f"layer {i}" if n_layers <= 12 or i % (n_layers // 6) == 0 else None)
+            if log and np.all(values[np.isfinite(values)] > 0):
+                ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{Path(run_dir).resolve().name}: training health per layer")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "monitor.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def cmd_plot(args):
     try:
-        out = plot_run(args.run_dir, args.output, args.log)
+        if args.monitor:
+            out = plot_monitor(args.run_dir, args.output)
+        else:
+            out = plot_run(args.run_dir, args.output, args.log)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"tinyllm plot: error: {e}", file=sys.stderr)
         return 2
@@ -160,5 +217,8 @@ def register(subparsers):
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (has metrics.jsonl)")
     p.add_argument("-o", "--output", help="PNG path (default RUN_DIR/loss.png)")
     p.add_argument("--log", action="store_true", help="logarithmic loss axis")
+    p.add_argument("--monitor", action="store_true",
+                   help="draw the per-layer figures of a run trained with --monitor instead "
+                        "(default RUN_DIR/monitor.png)")
     p.set_defaults(func=cmd_plot)
     return p

@@ -88,6 +88,7 @@ class TrainConfig:
     # float32 | float64: the parameters' dtype; tf32 | bfloat16 | float16: float32 parameters
     # with the matrix products in that precision (autograd.amp); float16 adds loss scaling
     dtype: str = "float32"
+    loss_scaling: bool = True  # float16 only: dynamic loss scaling (amp.GradScaler)
     sample_tokens: int = 300  # printed at the end; 0: none
     prompt: str = ""  # sample prompt; "" starts a fresh document
     temperature: float = 0.8
@@ -100,6 +101,9 @@ class TrainConfig:
     # keep only each block's input in training forwards and recompute the block in backward
     # (activation checkpointing): less memory for one more forward of each block
     checkpoint_blocks: bool = False
+    # the training-health monitor (tinyllm.monitor): per-layer figures of each logged step (and
+    # of the first) in metrics.jsonl under "monitor"
+    monitor: bool = False
     quiet: bool = False
 
     def to_dict(self):
@@ -145,8 +149,8 @@ def validate_common(cfg):
         raise UsageError(f"device: must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data_threads != "auto":
         check_int("data_threads", cfg.data_threads, low=1)
-    for name in ("checkpoint_blocks", "quiet"):
-        if not isinstance(getattr(cfg, name), bool):
+    for name in ("checkpoint_blocks", "quiet", "monitor", "loss_scaling"):
+        if hasattr(cfg, name) and not isinstance(getattr(cfg, name), bool):
             raise UsageError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
 
 
@@ -191,7 +195,7 @@ def check_run_folder(path, resume=False, overwrite=False):
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
              "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data",
-             "threads", "data_threads", "checkpoint_blocks"}
+             "threads", "data_threads", "checkpoint_blocks", "monitor"}
 
 
 def read_config_file(path):
@@ -446,10 +450,17 @@ class Run:
             print(f"warning: --dtype {cfg.dtype} on the CPU is emulated by NumPy and many times "
                   "slower than float32; it is meant for GPUs", file=sys.stderr)
         amp.set_precision(cfg.dtype if cfg.dtype in PRECISIONS else "float32")
-        self.scaler = amp.GradScaler() if cfg.dtype == "float16" else None
+        self.scaler = (amp.GradScaler() if cfg.dtype == "float16"
+                       and getattr(cfg, "loss_scaling", True) else None)
         self.setup(resume_from)  # tokenizer, model, data: self.tokenizer, .model, .data_meta
         self.model.checkpoint_blocks = cfg.checkpoint_blocks
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.monitor = None
+        if getattr(cfg, "monitor", False):
+            from tinyllm.monitor import Monitor
+
+            self.monitor = Monitor(self.model)
+        self.monitor_figures = None  # the last monitored step's
         self.shards = shard_count(cfg.data_threads, cfg.batch_size, cfg.device,
                                   self.model.config.dropout, cfg.threads)
         self.optimizer = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -597,10 +608,13 @@ class Run:
 
     def _restore(self, ckpt):
         path, meta, arrays = ckpt["path"], ckpt["meta"], ckpt["arrays"]
+        from tinyllm.model import ModelConfig  # filled in: keys added since read as defaults
+
         # the device is where the weights live, not what they are: a run resumes on another
         # device, and with --gpus each rank's is its own GPU
-        check_match(path, "model config", meta["model_config"],
-                    dict(self.model.config.to_dict(), device=meta["model_config"].get("device")))
+        saved = ModelConfig.from_dict(meta["model_config"]).to_dict()
+        check_match(path, "model config", saved,
+                    dict(self.model.config.to_dict(), device=saved.get("device")))
         fp = data_mod.tokenizer_fingerprint(self.tokenizer)
         if meta["tokenizer_sha256"] != fp:
             raise CheckpointError(f"{path}: tokenizer does not match (checkpoint "
@@ -679,6 +693,11 @@ class Run:
         return a if self.cfg.device == "cpu" else backend.to_device(a, self.cfg.device)
 
     # ---- the loop --------------------------------------------------------------------------------
+    def logged(self, step):
+        """Whether step `step` (counted from 1) gets a log line (and, monitored, its figures)."""
+        return (step % self.cfg.log_every == 0 or step == self.cfg.steps
+                or (self.monitor is not None and step == 1))
+
     def train_step(self):
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
@@ -689,14 +708,24 @@ class Run:
         self.targets_seen = getattr(self, "targets_seen", 0) + sum(counts)
         weights = self.loss_weights(counts, micro)
         micro = [tuple(self._dev(a) for a in xy) for xy in micro]
-        loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler, weights)
-        loss = float(self.sum_over_ranks([loss])[0])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+        watch = self.monitor is not None and self.logged(self.step + 1)
+        if watch:
+            self.monitor.begin()
         try:
-            norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler, self.dp)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e} at step {self.step + 1}") from None
+            loss = accumulate_grads(self.model, self.params, micro, self.shards, self.scaler,
+                                    weights)
+            loss = float(self.sum_over_ranks([loss])[0])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+            if watch:
+                self.monitor.before_update(self.scaler.scale_value if self.scaler else 1.0)
+            try:
+                norm = apply_update(self.params, self.optimizer, cfg.clip, self.scaler, self.dp)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {self.step + 1}") from None
+        finally:
+            if watch:
+                self.monitor_figures = self.monitor.end()
         self.step += 1
         return loss, lr, norm
 
@@ -772,7 +801,7 @@ class Run:
                 while self.step < cfg.steps and not stopped():
                     loss, lr, norm = self.train_step()
                     loss_sum += loss
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if self.logged(self.step):
                         loss = loss_sum / (self.step - step_last)  # mean since the last line
                         loss_sum = 0.0
                         if self.dp:  # the counts of every rank
@@ -802,6 +831,12 @@ class Run:
                         extra = self.log_metrics()
                         rec.update(extra)
                         line += "".join(f" | {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
+                        if self.monitor_figures is not None:
+                            rec["monitor"], fig = self.monitor_figures, self.monitor_figures
+                            self.monitor_figures = None
+                            if "overflow" in fig:
+                                line += (f" | cast overflows {fig['overflow']} underflows "
+                                         f"{fig['underflow']} of {fig['cast_values']:,}")
                         log(cfg, line)
                         record(rec)
                         t_last, step_last = now, self.step
@@ -981,13 +1016,16 @@ def config_from_args(args):
     cli = {k: v for k, v in vars(args).items()
            if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None
            and k != "model"}
-    if args.model:
+    design = {k: getattr(args, k, None) for k in MODEL_FLAGS}
+    design = {k: v for k, v in design.items() if v is not None}
+    if args.model or design:
         model = dict(settings.get("model", {}))
-        for item in args.model:
+        for item in args.model or []:
             if "=" not in item:
                 raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
             k, v = item.split("=", 1)
             model[k] = _parse_value(v)
+        model.update(design)
         cli["model"] = model
     if resume_meta is not None:
         saved = resume_meta["train_config"]
@@ -999,6 +1037,10 @@ def config_from_args(args):
                 f"{k}: checkpoint has {a!r}, asked for {b!r}" for k, (a, b) in changed.items()))
     settings.update(cli)
     return TrainConfig.from_dict(settings, args.config or "command line")
+
+
+# Model design choices with a flag of their own (the same as -m KEY=VALUE).
+MODEL_FLAGS = ("norm_position", "positions", "init")
 
 
 def _int_or_auto(v):
@@ -1049,7 +1091,7 @@ def cmd_train(args):
 def register(subparsers):
     from tinyllm.cli import (nonnegative_float, nonnegative_int, positive_float, positive_int,
                              probability)
-    from tinyllm.config import PRESETS
+    from tinyllm.config import INITS, POSITIONS, PRESETS
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -1082,6 +1124,14 @@ def register(subparsers):
     p.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default {d.preset})")
     p.add_argument("-m", "--model", action="append", metavar="KEY=VALUE",
                    help="model setting override, e.g. -m n_layers=6 -m flavour=gpt2 (repeatable)")
+    p.add_argument("--norm-position", choices=["pre", "post"],
+                   help="pre-norm x + f(norm(x)) (GPT-2, Llama) or post-norm norm(x + f(x)) "
+                        "(the original Transformer, GPT-1) (default: the preset's, pre)")
+    p.add_argument("--positions", choices=list(POSITIONS),
+                   help="position encoding (default: the preset's)")
+    p.add_argument("--init", choices=list(INITS),
+                   help="weight initialization: gpt2 (scaled residual projections), normal "
+                        "(0.02 everywhere), fan_in (PyTorch's defaults) (default gpt2)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=positive_int,
                    help=f"sequences per micro-batch (default {d.batch_size})")
@@ -1114,6 +1164,9 @@ def register(subparsers):
                    help="float32 or float64 parameters; or tf32, bfloat16, float16: float32 "
                         "parameters with the matrix products in that precision (float16 with "
                         "loss scaling; GPU modes, emulated and slow on the CPU) (default float32)")
+    p.add_argument("--no-loss-scaling", dest="loss_scaling", action="store_false", default=None,
+                   help="--dtype float16 without dynamic loss scaling (small gradients then "
+                        "underflow to zero; for experiments)")
     p.add_argument("--sample-tokens", type=nonnegative_int,
                    help=f"tokens sampled at the end, 0 = none (default {d.sample_tokens})")
     p.add_argument("--prompt", help="prompt of the final sample (default: a fresh document)")
@@ -1130,6 +1183,11 @@ def register(subparsers):
                         "the usable cores, at most 4)")
     p.add_argument("--checkpoint-blocks", action="store_true", default=None,
                    help="activation checkpointing: recompute each block in backward (less memory)")
+    p.add_argument("--monitor", action="store_true", default=None,
+                   help="training-health figures per layer (activation RMS, gradient norms, "
+                        "update/weight ratios, float16/bfloat16 cast overflows and underflows) "
+                        "of each logged step and the first, into metrics.jsonl; draw them with "
+                        "tinyllm plot --monitor")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
     from tinyllm import parallel
 
