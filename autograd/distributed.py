@@ -248,14 +248,14 @@ _CHAR_SIGNED = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def rendezvous(rank, world_size, addr, port, make_id, timeout=DEFAULT_TIMEOUT):
-    """The NCCL unique id (128 chars) every rank needs to join: rank 0 makes it with
+    """The NCCL unique id (128 bytes) every rank needs to join: rank 0 makes it with
     `make_id()` and serves it on `port` until every other rank, connecting to addr:port (and
     retrying while rank 0 starts), has it. Each rank says its rank and world size; rank 0
     refuses a mismatch. Raises PeerError when the ranks do not all meet within `timeout`."""
     deadline = time.monotonic() + timeout
     if rank == 0:
-        uid = tuple(make_id())
-        payload = bytes(x & 0xFF for x in uid)
+        uid = make_id()  # bytes (CuPy 14) or a tuple of C chars (earlier CuPy)
+        payload = uid if isinstance(uid, bytes) else bytes(x & 0xFF for x in uid)
         try:
             server = socket.create_server(("", port))
         except OSError as e:
@@ -283,7 +283,7 @@ def rendezvous(rank, world_size, addr, port, make_id, timeout=DEFAULT_TIMEOUT):
                                         f"{sorted(joined | {0})}")
                     conn.sendall(payload)
                     joined.add(r)
-        return uid
+        return payload
     while True:
         left = deadline - time.monotonic()
         try:
@@ -302,7 +302,7 @@ def rendezvous(rank, world_size, addr, port, make_id, timeout=DEFAULT_TIMEOUT):
             except (OSError, ConnectionError):
                 raise PeerError(f"rank {rank}: rank 0 at {addr}:{port} refused this rank (of "
                                 f"{world_size}; see rank 0's error)") from None
-        return tuple(b - 256 if _CHAR_SIGNED and b > 127 else b for b in data)
+        return data
 
 
 def _recv_exact(conn, n):
@@ -337,7 +337,11 @@ class NcclGroup(Group):
         join = max(self.timeout, JOIN_TIMEOUT)
         uid = rendezvous(self.rank, self.world_size, addr, port, self.nccl.get_unique_id, join)
         entry = self._begin("joining the NCCL group", limit=join)
-        self.comm = self.nccl.NcclCommunicator(self.world_size, uid, self.rank)
+        try:
+            self.comm = self.nccl.NcclCommunicator(self.world_size, uid, self.rank)
+        except TypeError:  # CuPy before 14 takes the id as a tuple of C chars
+            chars = tuple(b - 256 if _CHAR_SIGNED and b > 127 else b for b in uid)
+            self.comm = self.nccl.NcclCommunicator(self.world_size, chars, self.rank)
         self._end(entry)
 
     @classmethod
