@@ -44,7 +44,7 @@ else
                --eval-every 500 --device "$DEVICE" --dtype bfloat16)
     DPO_ARGS=(--device "$DEVICE" --dtype bfloat16)
     REWARD_ARGS=(--device "$DEVICE" --dtype bfloat16)
-    RL_ARGS=(--device "$DEVICE" --dtype bfloat16)
+    RL_ARGS=(--steps 200 --lr 5e-5 --min-lr 5e-5 --device "$DEVICE" --dtype bfloat16)
     EVAL_ARGS=(--device "$DEVICE")
 fi
 
@@ -75,9 +75,9 @@ step merge "$PYTHON" -m tinyllm merge-lora "$OUT/lora" --out "$OUT/lora-merged" 
 step dpo "$PYTHON" -m tinyllm dpo --from "$OUT/sft" --out "$OUT/dpo" --overwrite "${DPO_ARGS[@]}" ${DPO_EXTRA:-}
 step reward "$PYTHON" -m tinyllm reward train --from "$OUT/sft" --out "$OUT/reward" --overwrite "${REWARD_ARGS[@]}" ${DPO_EXTRA:-}
 # RL on every task's prompts: GRPO on exact answers; RLHF: the reward model's score, with a KL
-# penalty (beta 0.04) to the SFT model
+# penalty (beta 0.5) to the SFT model
 step rl "$PYTHON" -m tinyllm rl --from "$OUT/sft" --task all --out "$OUT/rl" --overwrite "${RL_ARGS[@]}" ${RL_EXTRA:-}
-step rlhf "$PYTHON" -m tinyllm rl --from "$OUT/sft" --task all --reward-model "$OUT/reward" --beta 0.04 --out "$OUT/rlhf" --overwrite "${RL_ARGS[@]}" ${RL_EXTRA:-}
+step rlhf "$PYTHON" -m tinyllm rl --from "$OUT/sft" --task all --reward-model "$OUT/reward" --beta 0.5 --out "$OUT/rlhf" --overwrite "${RL_ARGS[@]}" ${RL_EXTRA:-}
 evaluate base "$OUT/base"
 evaluate sft "$OUT/sft"
 evaluate lora "$OUT/lora-merged"
