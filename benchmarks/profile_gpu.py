@@ -1,10 +1,14 @@
 """Where a GPU training step's time goes, op by op (forward and backward separately).
 
-Runs the model of benchmarks/train_gpu.py and times one step with a device synchronization
-around every Function's forward and backward (which removes overlap, so the parts add up to
-a little more than an unprofiled step). Prints the ops by total time, then the optimizer.
+Runs a model of benchmarks/train_gpu.py (its CASES: gpt2-small, the Llama-flavour GPT-2-small
+at batch 16 x 1024, or shakespeare-char, the GPT-2-flavour 6-layer char model with dropout 0.2
+at batch 64 x 256), with that case's optimizer settings. Times one unprofiled step (forward,
+backward, clip, AdamW), then one step with a device synchronization around every Function's
+forward and backward (which removes overlap, so the parts add up to a little more than an
+unprofiled step), and prints the ops by total time.
 
     python benchmarks/profile_gpu.py --mode bfloat16 --batch 16
+    python benchmarks/profile_gpu.py --case shakespeare-char      # batch 64 x 256, bfloat16
 """
 
 import argparse
@@ -16,11 +20,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from train_gpu import CASES, tinyllm_model  # noqa: E402  (the benchmark's models)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", default="gpt2-small", choices=list(CASES))
     p.add_argument("--mode", default="bfloat16")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, help="default: the case's (gpt2-small 16, shakespeare-char 64)")
     args = p.parse_args()
 
     import cupy as cp
@@ -29,15 +36,16 @@ def main():
     import autograd
     from autograd import amp, optim
     from autograd.tensor import Function
-    from tinyllm.model import GPT
-    from train_gpu import CONFIG
 
+    c = CASES[args.case]
+    if args.batch is None:
+        args.batch = c["batch"]
     autograd.manual_seed(0)
-    model = GPT.from_preset("llama-gpt2-small", **CONFIG, tie_embeddings=True, device="cuda")
+    model = tinyllm_model(args.case)
     amp.set_precision(args.mode)
-    opt = optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    T = CONFIG["context_length"]
-    data = cp.asarray(np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (args.batch, T + 1)))
+    opt = optim.AdamW(model.parameters(), lr=c["lr"], betas=c["betas"], weight_decay=c["weight_decay"])
+    T, V = model.config.context_length, model.config.vocab_size
+    data = cp.asarray(np.random.default_rng(0).integers(0, V, (args.batch, T + 1)))
     x, y = data[:, :-1], data[:, 1:]
     sync = cp.cuda.Device().synchronize
     times = collections.defaultdict(float)
@@ -51,7 +59,7 @@ def main():
         loss.backward()
         sync()
         t2 = time.perf_counter()
-        optim.clip_grad_norm(model.parameters(), 1.0)
+        optim.clip_grad_norm(model.parameters(), c["clip"])
         sync()
         t3 = time.perf_counter()
         opt.step()
