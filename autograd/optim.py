@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from autograd import backend, fast
+from autograd.fast.cuda import graph
 from autograd.fast.cuda import kernels as cuda
 
 
@@ -216,8 +217,15 @@ class AdamW(Optimizer):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def step(self):
-        self.step_count += 1
+    def step(self, norm_sq=None):
+        """One update of every parameter with a gradient. `norm_sq`: the squared global
+        gradient norm as a GPU array (a captured step, see optim.clip_grad_norm_on_device):
+        the kernel then skips the update when it is not finite."""
+        capture = graph.active()
+        if capture is None:
+            self.step_count += 1
+        else:  # a captured step counts at each replay, before its slots read the count
+            capture.on_replay(self._count_step)
         t = self.step_count
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -237,6 +245,9 @@ class AdamW(Optimizer):
                 if fast.cuda_float32(w, g) and w.flags.c_contiguous and g.flags.c_contiguous:
                     fused.append((w, g, m, v))
                     continue
+                if capture is not None:  # its lr and step count would be fixed at capture
+                    raise graph.CaptureError(f"AdamW: a {w.dtype} parameter is updated outside "
+                                             "the fused GPU kernel, which a captured step needs")
                 tmp = self._tmp(p.data)
                 if wd:
                     w *= 1 - lr * wd
@@ -257,7 +268,20 @@ class AdamW(Optimizer):
                 tmp *= step_size
                 w -= tmp
             if fused:
-                cuda.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t)
+                hp = None  # a captured step reads lr and the bias corrections from its slots
+                if capture is not None:
+                    hp = capture.slot(lambda group=group: self._slot_values(group), np.float32, 3)
+                cuda.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t,
+                                hp=hp, sumsq=norm_sq)
+
+    def _count_step(self):
+        self.step_count += 1
+
+    def _slot_values(self, group):
+        """(lr, 1 - beta1^t, 1 - beta2^t) of this step, for a captured step's slots."""
+        b1, b2 = group["betas"]
+        t = self.step_count
+        return group["lr"], 1 - b1**t, 1 - b2**t
 
 
 # ---- gradient clipping -------------------------------------------------------------------
@@ -301,6 +325,21 @@ def clip_grad_norm(params, max_norm, norm=None):
             for p in params:
                 p.grad *= p.grad.dtype.type(scale)
     return total
+
+
+def clip_grad_norm_on_device(params, max_norm):
+    """clip_grad_norm for float32 GPU gradients without reading the norm on the host (a
+    captured step cannot): returns the squared global norm as a 1-element GPU array; the
+    kernel scales the gradients when max_norm / (norm + 1e-6) < 1 and the norm is finite.
+    max_norm 0: no clipping, the norm only."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not fast.cuda_float32(*grads) or not all(g.flags.c_contiguous for g in grads):
+        raise TypeError("clip_grad_norm_on_device: the gradients must be contiguous float32 "
+                        "CuPy arrays, with the fast paths on")
+    norm_sq = cuda.sum_of_squares(grads)
+    if max_norm:
+        cuda.clip_(grads, norm_sq, max_norm)
+    return norm_sq
 
 
 # ---- learning-rate schedules -------------------------------------------------------------

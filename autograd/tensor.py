@@ -190,7 +190,11 @@ def _scalar_array(x, like):
     xp = like.xp
     if isinstance(x, (bool, int, float)):
         dtype = like.dtype if backend.is_float_dtype(like.dtype) or isinstance(x, int) else None
+        if xp is not np:  # filled on the device: no copy from the host (a CUDA graph has none)
+            return xp.full((), x, dtype=dtype or np.asarray(x).dtype)
         return xp.asarray(x, dtype=dtype)
+    if isinstance(x, np.generic) and xp is not np:  # a NumPy scalar: filled on the device too
+        return xp.full((), x, dtype=like.dtype if backend.is_float_dtype(like.dtype) else x.dtype)
     if isinstance(x, (np.ndarray, np.generic)) or backend.is_cupy_array(x):
         if backend.device_of(x) != like.device and np.ndim(x) > 0:
             raise RuntimeError(

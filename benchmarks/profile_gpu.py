@@ -5,7 +5,11 @@ at batch 16 x 1024, or shakespeare-char, the GPT-2-flavour 6-layer char model wi
 at batch 64 x 256), with that case's optimizer settings. Times one unprofiled step (forward,
 backward, clip, AdamW), then one step with a device synchronization around every Function's
 forward and backward (which removes overlap, so the parts add up to a little more than an
-unprofiled step), and prints the ops by total time.
+unprofiled step), and prints the ops by GPU time: for each op the host's time to run its
+Python and launch its kernels, and the kernels' time on the GPU. Before each call the device
+is kept busy by a kernel that waits SPIN_S seconds, so the op's kernels are all queued before
+the first runs and run back to back: CUDA events around them time the kernels alone (an op
+whose host time exceeds SPIN_S is marked, its GPU time then includes gaps).
 
     python benchmarks/profile_gpu.py --mode bfloat16 --batch 16
     python benchmarks/profile_gpu.py --case shakespeare-char      # batch 64 x 256, bfloat16
@@ -21,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_gpu import CASES, tinyllm_model  # noqa: E402  (the benchmark's models)
+
+
+SPIN_S = 5e-3
 
 
 def main():
@@ -49,7 +56,15 @@ def main():
     x, y = data[:, :-1], data[:, 1:]
     sync = cp.cuda.Device().synchronize
     times = collections.defaultdict(float)
+    gpu_times = collections.defaultdict(float)
     counts = collections.Counter()
+    # keeps the GPU busy for `ns` nanoseconds, so that what is queued behind it runs unbroken
+    spin = cp.RawKernel(r'''
+    extern "C" __global__ void spin(long long ns) {
+        long long start = clock64();
+        while (clock64() - start < ns) { }
+    }''', "spin")
+    rate = cp.cuda.runtime.getDeviceProperties(0)["clockRate"] * 1e3  # clock64 ticks per second
 
     def step():
         t0 = time.perf_counter()
@@ -77,12 +92,18 @@ def main():
 
     def timed(name, fn):
         def wrapper(self, *a, **k):
+            key = (type(self).__name__, name)
             sync()
+            spin((1,), (1,), (np.int64(SPIN_S * rate),))
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
             t = time.perf_counter()
             out = fn(self, *a, **k)
-            sync()
-            times[(type(self).__name__, name)] += time.perf_counter() - t
-            counts[(type(self).__name__, name)] += 1
+            times[key] += time.perf_counter() - t
+            end.record()
+            end.synchronize()
+            gpu_times[key] += cp.cuda.get_elapsed_time(start, end) * 1e-3
+            counts[key] += 1
             return out
         return wrapper
 
@@ -97,10 +118,15 @@ def main():
         if "backward" in vars(cls):
             cls.backward = timed("backward", vars(cls)["backward"])
     prof = step()
-    total = sum(times.values())
-    print(f"profiled step {sum(prof)*1e3:.1f} ms; inside ops {total*1e3:.1f} ms")
-    for (cls, phase), t in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"  {cls:14s} {phase:8s} {counts[(cls, phase)]:4d} calls {t*1e3:8.2f} ms  {100*t/total:5.1f}%")
+    total, gpu_total = sum(times.values()), sum(gpu_times.values())
+    print(f"profiled step {sum(prof)*1e3:.1f} ms; inside ops {total*1e3:.1f} ms on the host, "
+          f"{gpu_total*1e3:.1f} ms on the GPU")
+    print(f"  {'op':22s} {'phase':8s} {'calls':>5s} {'host ms':>9s} {'GPU ms':>8s} {'GPU %':>6s}")
+    for key, t in sorted(gpu_times.items(), key=lambda kv: -kv[1]):
+        cls, phase = key
+        late = " (host > spin: GPU time has gaps)" if times[key] / counts[key] > SPIN_S else ""
+        print(f"  {cls:22s} {phase:8s} {counts[key]:5d} {times[key]*1e3:9.2f} {t*1e3:8.2f} "
+              f"{100*t/gpu_total:5.1f}%{late}")
 
 
 if __name__ == "__main__":

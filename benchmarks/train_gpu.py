@@ -16,7 +16,9 @@ each measured per precision mode:
 Each step is a full training step (forward, backward, clip the gradient norm at 1.0, AdamW),
 with dropout on where the model has it. The frameworks: `torch` (eager PyTorch), `torch-compile`
 (the same PyTorch model wrapped in torch.compile, default mode, compiled during the warmup
-steps, at least 3) and `tinyllm`. Each (case, framework, mode) runs in its own process so that
+steps, at least 3), `tinyllm` (the step captured as a CUDA graph after the warmup steps and
+replayed, as `tinyllm train` runs it on a GPU; its peak memory counts the graph's whole pool)
+and `tinyllm-eager` (the same step uncaptured: every kernel launched from Python). Each (case, framework, mode) runs in its own process so that
 its peak memory is its own. Prints, per case, tokens/s of each framework, tinyllm's ratio to
 eager and to compiled PyTorch, the peak memory of each and tinyllm's MFU. A framework that fails
 (e.g. torch.compile without Triton) is reported, and its columns read "—".
@@ -47,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PEAK_TFLOPS = {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4}
-FRAMEWORKS = ("torch", "torch-compile", "tinyllm")
+FRAMEWORKS = ("torch", "torch-compile", "tinyllm", "tinyllm-eager")
 
 # Each case: the tinyllm preset and its overrides (the model of both frameworks), the batch
 # (sequences of the full context) and the optimizer's settings.
@@ -84,7 +86,7 @@ def tinyllm_model(case, device="cuda"):
 
 # ---- tinyllm --------------------------------------------------------------------------------------
 
-def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False):
+def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False, graph=True):
     import cupy as cp
     import numpy as np
 
@@ -112,24 +114,46 @@ def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False):
     data = cp.asarray(rng.integers(0, V, (batch, T + 1)))
     x, y = data[:, :-1], data[:, 1:]
 
-    def step():  # one training step: the one place that decides how a step runs
+    def step():  # one training step, uncaptured
         _, loss = model(x, y, return_logits=False)
         loss.backward()
         optim.clip_grad_norm(params, c["clip"])
         opt.step()
         opt.zero_grad()
-        return loss
+        return loss.data
+
+    def device_step(x, y):  # the same step with the gradient norm kept on the GPU (a graph's)
+        _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        norm_sq = optim.clip_grad_norm_on_device(params, c["clip"])
+        opt.step(norm_sq=norm_sq + loss.data * 0)
+        opt.zero_grad()
+        return loss.data, norm_sq
 
     for _ in range(warmup):
         step()
     cp.cuda.Device().synchronize()
+    graph_bytes = 0
+    if graph:  # tinyllm train's way: captured after uncaptured steps, then replayed
+        from autograd.fast.cuda.graph import StepGraph
+
+        pool.free_all_blocks()
+        g = StepGraph(device_step, [cp.ascontiguousarray(x), cp.ascontiguousarray(y)])
+        g.capture()
+        persistent = pool.used_bytes()
+
+        def step():
+            return g.launch()[0]
+
+        step()
+        graph_bytes = persistent + g.pool.total_bytes()  # the graph's own pool, all of it
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    loss = loss.item()
+    loss = float(loss)
     cp.cuda.Device().synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return dict(seconds_per_step=dt, peak_bytes=peak[0], loss=loss,
+    return dict(seconds_per_step=dt, peak_bytes=max(peak[0], graph_bytes), loss=loss,
                 flops_per_token=model.flops_per_token(), params=model.num_params(non_embedding=False))
 
 
@@ -277,9 +301,10 @@ def run_torch(case, mode, batch, steps, warmup, compile=False, fused_attention=T
 # ---- driver -----------------------------------------------------------------------------------------
 
 def single(args):
-    if args.framework == "tinyllm":
+    if args.framework in ("tinyllm", "tinyllm-eager"):
         result = run_tinyllm(args.case, args.mode, args.batch, args.steps, args.warmup,
-                             args.checkpoint_blocks)
+                             args.checkpoint_blocks, graph=args.framework == "tinyllm"
+                             and not args.checkpoint_blocks)
     elif args.framework in ("torch", "torch-compile"):
         result = run_torch(args.case, args.mode, args.batch, args.steps, args.warmup,
                            compile=args.framework == "torch-compile")
@@ -321,14 +346,15 @@ def print_table(case, modes, results):
 
     print(f"\n{case}:")
     print("| mode | PyTorch eager tok/s | torch.compile tok/s | tinyllm tok/s | tinyllm/eager | "
-          "tinyllm/compile | eager peak GiB | compile peak GiB | tinyllm peak GiB | tinyllm MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "tinyllm/compile | tinyllm uncaptured tok/s | eager peak GiB | compile peak GiB | "
+          "tinyllm peak GiB | tinyllm MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode in modes:
         by = {r["framework"]: r for r in results if r["case"] == case and r["mode"] == mode}
-        e, c, m = (by.get(fw) for fw in FRAMEWORKS)
+        e, c, m, u = (by.get(fw) for fw in FRAMEWORKS)
         mfu = "—" if m is None else f"{100 * m['mfu']:.1f}%"
         print(f"| {mode} | {tok(e)} | {tok(c)} | {tok(m)} | {ratio(m, e)} | {ratio(m, c)} | "
-              f"{gib(e)} | {gib(c)} | {gib(m)} | {mfu} |")
+              f"{tok(u)} | {gib(e)} | {gib(c)} | {gib(m)} | {mfu} |")
 
 
 def main():

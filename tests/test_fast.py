@@ -193,7 +193,7 @@ def case_dropout(data, on):
 
 FAST_CASES = {  # reference -> its case and the paths it covers (filled from the registry below)
     SwiGLU: {"case": case_swiglu},
-    GeluTanh: {"case": case_gelu},
+    GeluTanh: {"case": case_gelu, "low": True},
     LayerNorm: {"case": lambda d, on: case_norm(d, on, True)},
     RMSNorm: {"case": lambda d, on: case_norm(d, on, False)},
     Embedding: {"case": case_embedding},

@@ -377,3 +377,17 @@ def test_gpu_dropout_mask_is_the_hash_of_its_definition():
     autograd.manual_seed(4)
     assert np.array_equal(ops.dropout(x, 0.25).numpy(), y)
     assert abs((y == 0).mean() - 0.25) < 0.03 and set(np.unique(y)) <= {0.0, np.float32(1 / 0.75)}
+
+
+def test_gpu_dropout_applies_the_mask_of_dropout_keep_in_one_pass():
+    # kernels.dropout_apply (DropoutCUDA's forward and backward) = x * keep * 1/(1-p), bit for bit,
+    # with keep = kernels.dropout_keep of the same seed
+    cp = backend.cupy_module()
+    x = cp.asarray(np.random.default_rng(0).standard_normal((6, 5, 37)).astype(np.float32))
+    for p in (0.1, 0.3):
+        keep = kernels.dropout_keep(x.shape, p, 2**50 + 9)
+        want = cp.asnumpy(x * (keep * np.float32(1 / (1 - p))))
+        got = cp.asnumpy(kernels.dropout_apply(x, p, 2**50 + 9))
+        assert np.array_equal(got, want)
+        assert np.array_equal(cp.asnumpy(kernels.dropout_apply(x[:, :, ::2], p, 5)),
+                              cp.asnumpy(kernels.dropout_apply(cp.ascontiguousarray(x[:, :, ::2]), p, 5)))

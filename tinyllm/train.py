@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import autograd
-from autograd import amp, backend, distributed
+from autograd import amp, backend, distributed, fast
 from autograd.optim import AdamW, clip_grad_norm, grad_norm, make_schedule
 from tinyllm import data as data_mod
 from tinyllm import perf
@@ -104,6 +104,10 @@ class TrainConfig:
     # the training-health monitor (tinyllm.monitor): per-layer figures of each logged step (and
     # of the first) in metrics.jsonl under "monitor"
     monitor: bool = False
+    # the GPU step as one CUDA graph, captured at the second step and replayed (static shapes):
+    # "auto" when the run allows it (else a note says why not), "on" (a run that cannot stops
+    # with the reason), "off"
+    cuda_graph: str = "auto"
     quiet: bool = False
 
     def to_dict(self):
@@ -149,6 +153,8 @@ def validate_common(cfg):
         raise UsageError(f"device: must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data_threads != "auto":
         check_int("data_threads", cfg.data_threads, low=1)
+    if hasattr(cfg, "cuda_graph"):
+        check_choice("cuda_graph", cfg.cuda_graph, ("auto", "on", "off"))
     for name in ("checkpoint_blocks", "quiet", "monitor", "loss_scaling"):
         if hasattr(cfg, name) and not isinstance(getattr(cfg, name), bool):
             raise UsageError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
@@ -195,7 +201,7 @@ def check_run_folder(path, resume=False, overwrite=False):
 # Settings that may change when resuming (they do not change what a step computes).
 RESUMABLE = {"steps", "log_every", "eval_every", "eval_iters", "out", "sample_tokens", "prompt",
              "temperature", "top_k", "peak_flops", "quiet", "cache_dir", "device", "data",
-             "threads", "data_threads", "checkpoint_blocks", "monitor"}
+             "threads", "data_threads", "checkpoint_blocks", "monitor", "cuda_graph"}
 
 
 def read_config_file(path):
@@ -483,6 +489,15 @@ class Run:
         if self.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
             autograd.manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, self.step])
                                      .generate_state(1)[0]))
+        self.step_graph = None  # the captured step (see graph_step), once made
+        self.eager_steps = 0  # steps run uncaptured by this process
+        self.graph_setting = getattr(cfg, "cuda_graph", "off")
+        blockers = self.graph_blockers() if self.graph_setting != "off" else []
+        if blockers and self.graph_setting == "on":
+            raise UsageError("cuda_graph on: the step cannot be captured: " + "; ".join(blockers))
+        if blockers and cfg.device != "cpu":
+            log(cfg, "note: the step runs uncaptured (no CUDA graph): " + "; ".join(blockers))
+        self.use_graph = self.graph_setting != "off" and not blockers
 
     # ---- data: what a kind of run overrides ----------------------------------------------------
     def default_out(self):
@@ -698,6 +713,91 @@ class Run:
         return (step % self.cfg.log_every == 0 or step == self.cfg.steps
                 or (self.monitor is not None and step == 1))
 
+    # ---- the step as a CUDA graph ----------------------------------------------------------------
+    def graph_blockers(self):
+        """Why this run's step cannot be captured as a CUDA graph (empty: it can). A captured
+        step replays fixed kernels on fixed addresses: it cannot read values on the host or
+        change shape."""
+        cfg, why = self.cfg, []
+        if cfg.device == "cpu":
+            why.append("CUDA graphs need a GPU")
+        if self.scaler is not None:
+            why.append("float16 loss scaling decides on the host whether to skip a step")
+        if self.dp is not None:
+            why.append("data-parallel training exchanges gradients between the ranks")
+        if self.monitor is not None:
+            why.append("the monitor reads its figures on the host")
+        if cfg.checkpoint_blocks:
+            why.append("checkpointed blocks recompute under host control")
+        if any(p.dtype != np.float32 for p in self.params):
+            why.append("the fused optimizer kernel takes float32 parameters only")
+        if not fast.enabled():
+            why.append("TINYLLM_FUSED=0 turns off the fast paths the captured step runs")
+        return why
+
+    def graph_step(self, micro, weights):
+        """The step through the captured graph: (loss, grad norm), or None when it cannot be
+        captured (the run goes on uncaptured, with a note saying why). Captured at the first
+        call, after one uncaptured step has made the optimizer's state and compiled the
+        kernels; each call copies this step's batches into the graph's input arrays and
+        replays it. The weights change only when the loss and the gradient norm are finite
+        (the optimizer kernel checks), as in the uncaptured step."""
+        for x, y in micro:  # the checks the ops skip while capturing, on the host
+            V = self.model.config.vocab_size
+            if x.min() < 0 or x.max() >= V or ((y != IGNORE_INDEX) & ((y < 0) | (y >= V))).any():
+                raise IndexError(f"a token id outside 0..{V - 1} in the batch of step "
+                                 f"{self.step + 1}")
+        if self.step_graph is None or weights != self.graph_weights:
+            if self.step_graph is not None:  # the loss weights are baked in: capture again
+                self.step_graph = None
+            if not self._capture(micro, weights):
+                return None
+        g = self.step_graph
+        g.set_inputs(*[a for xy in micro for a in xy])
+        loss_d, norm_sq = g.launch()
+        loss, norm = float(loss_d), math.sqrt(float(norm_sq[0]))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {self.step + 1}")
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"the gradient norm is {norm} at step {self.step + 1}")
+        return loss, norm
+
+    def _capture(self, micro, weights):
+        from autograd.fast.cuda import graph
+        from autograd.optim import clip_grad_norm_on_device
+
+        cp = backend.cupy_module()
+        inputs = [cp.empty(a.shape, np.int64) for xy in micro for a in xy]
+        model, params, optimizer, clip = self.model, self.params, self.optimizer, self.cfg.clip
+
+        def step(*arrays):
+            total = None
+            for k, w in enumerate(weights):
+                _, loss = model(arrays[2 * k], arrays[2 * k + 1], return_logits=False)
+                if w != 1:
+                    loss = loss * w
+                loss.backward()
+                total = loss.data if total is None else total + loss.data
+            norm_sq = clip_grad_norm_on_device(params, clip)
+            optimizer.step(norm_sq=norm_sq + total * 0)  # inf/nan when either is
+            optimizer.zero_grad()
+            return total, norm_sq
+
+        g = graph.StepGraph(step, inputs)
+        cp.get_default_memory_pool().free_all_blocks()  # the uncaptured step's cached blocks
+        try:
+            g.capture()
+        except graph.CaptureError as e:
+            self.optimizer.zero_grad()  # gradients a failed capture left
+            self.use_graph = False
+            if self.graph_setting == "on":
+                raise RuntimeError(f"cuda_graph on: the step could not be captured: {e}") from e
+            log(self.cfg, f"note: the step runs uncaptured (no CUDA graph): capturing it failed: {e}")
+            return False
+        self.step_graph, self.graph_weights = g, list(weights)
+        log(self.cfg, "CUDA graph: the step is captured; each step from here is one replay")
+        return True
+
     def train_step(self):
         cfg = self.cfg
         lr = self.schedule.apply(self.optimizer, self.step)
@@ -707,6 +807,11 @@ class Run:
         self.tokens_seen += sum(x.size for x, _ in micro)
         self.targets_seen = getattr(self, "targets_seen", 0) + sum(counts)
         weights = self.loss_weights(counts, micro)
+        if self.use_graph and self.eager_steps >= 1:
+            result = self.graph_step(micro, weights)
+            if result is not None:
+                self.step += 1
+                return result[0], lr, result[1]
         micro = [tuple(self._dev(a) for a in xy) for xy in micro]
         watch = self.monitor is not None and self.logged(self.step + 1)
         if watch:
@@ -727,6 +832,7 @@ class Run:
             if watch:
                 self.monitor_figures = self.monitor.end()
         self.step += 1
+        self.eager_steps += 1
         return loss, lr, norm
 
     def _threads_note(self):
@@ -1188,6 +1294,11 @@ def register(subparsers):
                         "update/weight ratios, float16/bfloat16 cast overflows and underflows) "
                         "of each logged step and the first, into metrics.jsonl; draw them with "
                         "tinyllm plot --monitor")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"),
+                   help="GPU: capture the training step once as a CUDA graph and replay it (one "
+                        "launch a step instead of hundreds); auto: when the run allows it, else "
+                        "a note says why not; on: stop with the reason if it cannot; off: never "
+                        f"(default {d.cuda_graph})")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="no log lines")
     from tinyllm import parallel
 

@@ -67,6 +67,14 @@ def cuda_float32(*arrays):
     return enabled() and all(backend.is_cupy_array(a) and a.dtype == np.float32 for a in arrays)
 
 
+def capturing():
+    """Whether a CUDA graph is being captured (fast/cuda/graph.py): the ops then skip their
+    checks that read device data on the host, which a captured step cannot do."""
+    from autograd.fast.cuda import graph
+
+    return graph.capturing()
+
+
 class FastPath:
     """Mixin of every fast path: names its reference and may refuse some inputs."""
 

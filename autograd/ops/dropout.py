@@ -25,6 +25,11 @@ def hash_keep(index, seed, p):
 def keep_mask(shape, p, like):
     """A boolean mask of `shape` on `like`'s device, True with probability 1 - p."""
     if backend.is_cupy_array(like):
+        from autograd.fast.cuda import graph
+
+        if graph.capturing():  # a seed passed by value would repeat the mask at every replay
+            raise graph.CaptureError("dropout outside its CUDA fast path (dtype "
+                                     f"{like.dtype}) cannot be captured")
         seed = int(backend.rng("cpu").integers(1 << 63))
         index = backend.get_array_module(like).arange(int(np.prod(shape)), dtype=np.uint64)
         return hash_keep(index, seed, p).reshape(shape)

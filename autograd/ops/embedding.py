@@ -29,7 +29,7 @@ def embedding(weight, idx):
     if backend.device_of(idx) != weight.device:
         raise RuntimeError(f"embedding: indices on {backend.device_of(idx)}, weight on {weight.device}")
     n = weight.shape[0]
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+    if idx.size and not fast.capturing() and (int(idx.min()) < 0 or int(idx.max()) >= n):
         bad = int(idx.max()) if int(idx.max()) >= n else int(idx.min())
         raise IndexError(f"embedding: token id {bad} is out of range for {n} embeddings")
     return fast.pick(Embedding, weight.data)(idx).apply(weight)

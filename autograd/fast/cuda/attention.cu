@@ -7,7 +7,8 @@
 // With dropout (thr > 0) P is written as dropped and rescaled: P[j] keep_j / (1 - p).
 extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* __restrict__ P,
         float* __restrict__ lse, int n, int L, int T, int q0, int off, int causal, float scale,
-        unsigned long long seed, unsigned int thr, float inv_keep) {
+        unsigned long long seed, const unsigned long long* seed_ptr, unsigned int thr, float inv_keep) {
+    if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     long long r = blockIdx.x;
     int head = r / n, i = r % n;
     int limit = causal ? min(L, q0 + i + off + 1) : L;
@@ -33,7 +34,8 @@ extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, OUT_T* 
 extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const float* __restrict__ dP,
         const float* __restrict__ lse, const float* __restrict__ Drow, OUT_T* __restrict__ P,
         OUT_T* __restrict__ dS, long long rows, int n, int L, int T, int q0, int off, int causal,
-        float scale, unsigned long long seed, unsigned int thr, float inv_keep) {
+        float scale, unsigned long long seed, const unsigned long long* seed_ptr, unsigned int thr, float inv_keep) {
+    if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         int head = r / n, i = r % n;
         long long row = (long long)head * T + q0 + i;

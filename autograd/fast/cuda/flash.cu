@@ -135,7 +135,8 @@ __device__ __forceinline__ void store_rows(float* dst, float (*acc)[4], int r, i
 extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         float* __restrict__ O, float* __restrict__ lse, int Hq, int G, int T, int S, int causal,
-        float scale, unsigned long long seed, u32 thr, float inv_keep) {
+        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+    if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
@@ -216,7 +217,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
         float* __restrict__ dK, float* __restrict__ dV, int Hq, int G, int T, int S, int causal,
-        float scale, unsigned long long seed, u32 thr, float inv_keep) {
+        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+    if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sQ[2][TILE * LD];
     __shared__ __align__(16) elem sG[2][TILE * LD];
     __shared__ float sL[2][TILE], sD[2][TILE];
@@ -292,7 +294,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
         float* __restrict__ dQ, int Hq, int G, int T, int S, int causal, float scale,
-        unsigned long long seed, u32 thr, float inv_keep) {
+        unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+    if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
     int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;

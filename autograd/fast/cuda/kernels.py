@@ -15,7 +15,7 @@ classes that call them, each a fast path of a reference op, are in paths.py.
   per row), one read and one write for the gradient.
 - RMSNorm and LayerNorm (norm.cu): one kernel forward, one backward (weight gradients summed
   per block in shared memory, then added atomically).
-- SwiGLU, dropout's mask (elementwise.cu), RoPE (rope.cu): one pass each.
+- SwiGLU, dropout (elementwise.cu), GELU (gelu.cu), RoPE (rope.cu): one pass each.
 - grad norm, clipping, AdamW (multi_tensor.cu): one launch over every parameter.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from autograd import amp, backend
+from autograd.fast.cuda import graph
 
 _cache = {}
 _HERE = Path(__file__).parent
@@ -113,7 +114,8 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
     alpha = np.array(1.0, np.float32)
     beta = np.array(1.0 if accumulate else 0.0, np.float32)
     handle = cp.cuda.device.get_cublas_handle()
-    cublas.gemmStridedBatchedEx(
+    call = _captured_gemm if graph.capturing() else cublas.gemmStridedBatchedEx
+    call(
         handle,
         cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
         cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N,
@@ -124,6 +126,42 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
         batch, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F, _GEMM_DEFAULT,
     )
     return out
+
+
+_cublas_lib = None
+_workspace = None  # cuBLAS's scratch memory for captured products: allocated once, never freed
+_WORKSPACE_BYTES = 32 << 20  # what cuBLAS asks for on Hopper
+
+
+def _captured_gemm(handle, *args):
+    """cublasGemmStridedBatchedEx through ctypes, on the stream being captured: CuPy's own
+    binding refuses every cuBLAS call while a stream is captured, though cuBLAS records its
+    products in a graph like any kernel (the scalars are read from host memory at capture,
+    and ours are fixed at 1 and 0 or 1). The products get a workspace of our own: the one
+    cuBLAS keeps per stream is released when the handle moves to another stream, and a
+    replayed product would then write into freed memory."""
+    global _cublas_lib, _workspace
+    import ctypes
+
+    if _cublas_lib is None:  # the library CuPy loaded (its handle exists: it is in the process)
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libcublas.so" in line}
+        if not paths:
+            raise graph.CaptureError("cuBLAS: libcublas is not loaded in this process")
+        lib = ctypes.CDLL(sorted(paths)[0])
+        v, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        lib.cublasSetStream_v2.argtypes = [v, v]
+        lib.cublasSetWorkspace_v2.argtypes = [v, v, ctypes.c_size_t]
+        lib.cublasGemmStridedBatchedEx.argtypes = [v, i, i, i, i, i, v, v, i, i, ll, v, i, i, ll,
+                                                   v, v, i, i, ll, i, i, i]
+        _cublas_lib = lib
+    if _workspace is None:  # a plain cudaMalloc, outside every pool (allowed while capturing)
+        _workspace = _cp().cuda.runtime.malloc(_WORKSPACE_BYTES)
+    status = _cublas_lib.cublasSetStream_v2(handle, _cp().cuda.get_current_stream().ptr)
+    status = status or _cublas_lib.cublasSetWorkspace_v2(handle, _workspace, _WORKSPACE_BYTES)
+    status = status or _cublas_lib.cublasGemmStridedBatchedEx(handle, *args)
+    if status:
+        raise graph.CaptureError(f"cuBLAS status {status} in a captured product")
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -151,8 +189,10 @@ def _expand_kv(k, G):
 
 
 def _dropout_args(dropout_p, seed):
-    """(seed, thr, 1 / (1 - p)) for the kernels; thr = 0 turns dropout off."""
-    return np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))), np.float32(1 / (1 - dropout_p))
+    """(seed, seed_ptr, thr, 1 / (1 - p)) for the kernels; thr = 0 turns dropout off. `seed`:
+    a number, or a captured step's slot (graph.draw_seed)."""
+    return (*graph.seed_args(seed), np.uint32(int(dropout_p * (1 << 24))),
+            np.float32(1 / (1 - dropout_p)))
 
 
 def attention_dropout_keep(seed, BH, T, S, dropout_p):
@@ -173,8 +213,20 @@ def dropout_keep(shape, dropout_p, seed):
     index (C order) and the seed."""
     keep = _cp().empty(shape, dtype=bool)
     _launch_1d(_kernel("dropout_keep_mask", "elementwise.cu"), keep.size, keep, np.int64(keep.size),
-               np.uint64(seed), np.uint32(int(dropout_p * (1 << 24))))
+               *graph.seed_args(seed), np.uint32(int(dropout_p * (1 << 24))))
     return keep
+
+
+def dropout_apply(x, dropout_p, seed):
+    """x * keep / (1 - p) in one pass, keep = dropout_keep(x.shape, dropout_p, seed) hashed on
+    the fly (so the backward, the same call on the upstream gradient, needs only the seed)."""
+    cp = _cp()
+    x = cp.ascontiguousarray(x)
+    y = cp.empty_like(x)
+    _launch_1d(_kernel("dropout_apply", "elementwise.cu"), x.size, x, y, np.int64(x.size),
+               *graph.seed_args(seed), np.uint32(int(dropout_p * (1 << 24))),
+               np.float32(1 / (1 - dropout_p)))
+    return y
 
 
 def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
@@ -416,6 +468,26 @@ def swiglu_backward(g, a, b):
     return ga, gb
 
 
+# ---- elementwise: GELU (tanh form) ------------------------------------------------------------
+
+def gelu_tanh_forward(x):
+    cp = _cp()
+    x = cp.ascontiguousarray(x)
+    y = cp.empty_like(x)
+    _launch_1d(_kernel("gelu_tanh_fwd", "gelu.cu", GELU_X_T=np.float32), x.size, x, y, np.int64(x.size))
+    return y
+
+
+def gelu_tanh_backward(g, x):
+    """The float32 gradient; x float32, or the bfloat16/float16 copy a low-precision mode kept."""
+    cp = _cp()
+    g, x = cp.ascontiguousarray(g), cp.ascontiguousarray(x)
+    gx = cp.empty(x.shape, np.float32)
+    _launch_1d(_kernel("gelu_tanh_bwd", "gelu.cu", GELU_X_T=x.dtype), x.size, g, x, gx,
+               np.int64(x.size))
+    return gx
+
+
 # ---- multi-tensor kernels: one launch over every parameter --------------------------------------
 
 _CHUNK = 1 << 16  # elements per thread block
@@ -424,7 +496,8 @@ def _multi(name, operands):
     """Launch multi-tensor kernel `name` over lists of equally shaped float32 arrays.
 
     Returns a function taking the kernel's scalar arguments. The address table is built on
-    the host and copied once per call (the arrays' addresses change between steps).
+    the host and copied once per call (the arrays' addresses change between steps); while a
+    step is captured the copy is part of the graph (graph.StepGraph.upload).
     """
     cp = _cp()
     n = len(operands[0])
@@ -434,7 +507,7 @@ def _multi(name, operands):
     start = np.concatenate([np.arange(c, dtype=np.int64) * _CHUNK for c in counts])
     ptrs = np.array([a.data.ptr for arrays in operands for a in arrays], np.uint64)
     host = np.concatenate([ptrs.view(np.int64), sizes, start, arr.astype(np.int64)])
-    dev = cp.asarray(host)
+    dev = graph.active().upload(host) if graph.capturing() else cp.asarray(host)
     d_ptrs = dev[: ptrs.size]
     d_size = dev[ptrs.size: ptrs.size + n]
     d_start = dev[ptrs.size + n: ptrs.size + n + start.size]
@@ -459,12 +532,21 @@ def scale_(arrays, scale):
     _multi("multi_scale", [arrays])(np.float32(scale))
 
 
+def clip_(arrays, sumsq, max_norm):
+    """optim.clip_grad_norm with the squared norm `sumsq` (sum_of_squares) on the device:
+    the kernel decides whether to scale, so no host reads the norm (a captured step)."""
+    _multi("multi_clip", [arrays])(sumsq, np.float32(max_norm))
+
+
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-               bias_c1, bias_c2):
-    """One AdamW update of every parameter (in place), in one launch; float32, contiguous."""
+               bias_c1, bias_c2, hp=None, sumsq=None):
+    """One AdamW update of every parameter (in place), in one launch; float32, contiguous.
+    A captured step passes `hp`, the address of (lr, bias_c1, bias_c2) in its slots, and
+    `sumsq`, the squared gradient norm on the device (a non-finite one skips the update)."""
     _multi("multi_adamw", [params, grads, exp_avgs, exp_avg_sqs])(
         np.int32(len(params)), np.float32(lr), np.float32(weight_decay), np.float32(beta1),
-        np.float32(beta2), np.float32(eps), np.float32(bias_c1), np.float32(bias_c2))
+        np.float32(beta2), np.float32(eps), np.float32(bias_c1), np.float32(bias_c2),
+        np.uint64(hp or 0), _ptr(sumsq))
 
 
 def rope_rotate(x, cos, sin, sign, interleaved):

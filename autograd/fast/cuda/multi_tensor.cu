@@ -26,11 +26,31 @@ extern "C" __global__ void multi_scale(const unsigned long long* ptrs, const lon
     for (long long i = s0 + threadIdx.x; i < end_; i += blockDim.x) x[i] *= scale;
 }
 
+// Clipping with the norm on the device (a captured step): sumsq holds the squared global norm
+// (multi_sumsq); scale = max_norm / (norm + 1e-6) when below 1 and the norm is finite, as
+// optim.clip_grad_norm decides on the host.
+extern "C" __global__ void multi_clip(const unsigned long long* ptrs, const long long* size,
+        const int* arr, const long long* start, const float* sumsq, float max_norm) {
+    float norm = sqrtf(*sumsq);
+    float scale = max_norm / (norm + 1e-6f);
+    if (!isfinite(norm) || !(scale < 1.f)) return;
+    int a = arr[blockIdx.x];
+    long long s0 = start[blockIdx.x];
+    SPAN(a, s0, size);
+    float* x = (float*)ptrs[a];
+    for (long long i = s0 + threadIdx.x; i < end_; i += blockDim.x) x[i] *= scale;
+}
+
 // AdamW (PyTorch's form): p *= 1 - lr wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 // p -= lr (m / c1) / (sqrt(v / c2) + eps), with c1, c2 the bias corrections. ptrs: p, g, m, v.
+// A captured step passes hp, device memory holding (lr, c1, c2) of this step, and sumsq, the
+// squared gradient norm: a non-finite norm leaves weights and moments as they were (the host
+// sees the norm after the replay and stops the run). Otherwise both are null.
 extern "C" __global__ void multi_adamw(const unsigned long long* ptrs, const long long* size,
         const int* arr, const long long* start, int n, float lr, float wd, float b1, float b2,
-        float eps, float c1, float c2) {
+        float eps, float c1, float c2, const float* hp, const float* sumsq) {
+    if (sumsq && !isfinite(*sumsq)) return;
+    if (hp) { lr = hp[0]; c1 = hp[1]; c2 = hp[2]; }
     int a = arr[blockIdx.x];
     long long s0 = start[blockIdx.x];
     SPAN(a, s0, size);

@@ -5,10 +5,10 @@ tests/test_fast.py holds each to its reference (run on a GPU by scripts/gpu-chec
 """
 
 
-from autograd import amp, backend, fast
+from autograd import amp, fast
 from autograd.fast import FastPath
-from autograd.fast.cuda import kernels
-from autograd.ops.activations import SwiGLU
+from autograd.fast.cuda import graph, kernels
+from autograd.ops.activations import GeluTanh, SwiGLU
 from autograd.ops.attention import Attention
 from autograd.ops.dropout import Dropout
 from autograd.ops.losses import CrossEntropy, LinearCrossEntropy
@@ -21,10 +21,10 @@ class AttentionCUDA(FastPath, Attention):
     """P is never stored whole: the forward keeps y and the log-sum-exp of each row, the
     backward recomputes P from them (FlashAttention's scheme). Dropout's mask is a hash of
     (seed, element), recomputed too; the seed comes from the CPU generator (no device sync,
-    and a checkpoint's generator state fixes it)."""
+    and a checkpoint's generator state fixes it), through a slot in a captured step."""
 
     def forward(self, q, k, v):
-        self.seed = int(backend.rng("cpu").integers(1 << 63)) if self.dropout_p > 0 else 0
+        self.seed = graph.draw_seed() if self.dropout_p > 0 else 0
         self.q, self.k, self.v = amp.low(q), amp.low(k), amp.low(v)
         self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale,
                                                      self.dropout_p, self.seed)
@@ -94,18 +94,38 @@ class SwiGLUCUDA(FastPath, SwiGLU):
 
 
 @fast.register("cuda", "float32")
+class GeluTanhCUDA(FastPath, GeluTanh):
+    """One pass each way; keeps only x (the backward recomputes tanh, cheaper than storing it).
+    Under a low-precision mode x is kept in bfloat16/float16 (amp.low), as the matrix
+    products keep their inputs: half the memory of GPT-2's largest activation, for a
+    derivative off by the input's rounding (as in PyTorch's autocast, where GELU runs on the
+    low-precision output of the product before it)."""
+
+    def forward(self, x):
+        self.x = amp.low(x)
+        return kernels.gelu_tanh_forward(x)
+
+    def backward(self, g):
+        return kernels.gelu_tanh_backward(g, self.x)
+
+
+@fast.register("cuda", "float32")
 class RotateCUDA(FastPath, Rotate):
     def rotate(self, x, sign):
         return kernels.rope_rotate(x, self.cos, self.sin, sign, self.style == "interleaved")
 
 
-def _keep_mask_kernel(shape, p, like):
-    """ops.dropout.keep_mask on the GPU in one kernel: the same seed draw, the same hash."""
-    return kernels.dropout_keep(shape, p, int(backend.rng("cpu").integers(1 << 63)))
-
-
 @fast.register("cuda", "float32")
 class DropoutCUDA(FastPath, Dropout):
-    keep_mask = staticmethod(_keep_mask_kernel)
+    """The reference's mask, hashed inside one kernel each way: forward keeps only the seed
+    (not the mask), backward applies the same mask and scale to the gradient. The seed is
+    drawn from the CPU generator as the reference's is (ops.dropout.keep_mask)."""
+
+    def forward(self, x):
+        self.seed = graph.draw_seed()
+        return kernels.dropout_apply(x, self.p, self.seed)
+
+    def backward(self, g):
+        return kernels.dropout_apply(g, self.p, self.seed)
 
 
