@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles and the device parametrization.
+"""Shared test setup: hypothesis profiles, the shared data files and a tiny training corpus.
 
 Profiles: `ci` (few examples, the default when the CI variable is set), `dev` (the default
 otherwise) and `thorough` (many examples). Pick one with HYPOTHESIS_PROFILE=thorough.
@@ -7,6 +7,7 @@ otherwise) and `thorough` (many examples). Pick one with HYPOTHESIS_PROFILE=thor
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -30,3 +31,14 @@ def shared_file(*parts):
     if not path.exists():
         pytest.skip(f"shared data file not found: {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of 12 small documents of random words (seeded): training runs in the tests."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    for i in range(12):
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=300)) + ".\n")
+    return folder

@@ -217,16 +217,6 @@ def test_ranks_draw_their_own_rows_of_every_batch(order):
 
 # ---- training -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=300)) + ".\n")
-    return folder
-
-
 def config(out, corpus, **kw):
     base = dict(data=str(corpus), char=True, model=dict(TINY), steps=6, batch_size=6,
                 block_size=16, warmup=2, lr=3e-3, eval_every=3, eval_iters=2, log_every=2,

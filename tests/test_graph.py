@@ -33,16 +33,6 @@ WEIGHT_ATOL = 1e-5  # lr / 300: a rounding difference amplified by Adam's 1/sqrt
 TINY = dict(n_layers=2, d_model=32, n_heads=2, context_length=16)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=300)) + ".\n")
-    return folder
-
-
 def config(tmp_path, corpus, **kw):
     base = dict(data=str(corpus), char=True, model=dict(TINY), steps=8, batch_size=4,
                 block_size=16, warmup=2, lr=3e-3, eval_every=4, eval_iters=2, log_every=1,

@@ -109,16 +109,6 @@ def test_a_rank_that_hangs_is_timed_out_and_the_others_stopped(tmp_path, capfd, 
 
 # ---- tinyllm train --gpus 2 -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=300)) + ".\n")
-    return folder
-
-
 def tinyllm(tmp_path, corpus, out, *extra, check=True):
     args = ["train", "--data", str(corpus), "--char", "-m", "n_layers=2", "-m", "d_model=64",
             "-m", "n_heads=4", "-m", "context_length=32", "--batch-size", "8", "--steps", "6",

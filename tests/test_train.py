@@ -14,17 +14,6 @@ from tinyllm.train import TrainConfig, train
 TINY = dict(n_layers=1, d_model=32, n_heads=2, context_length=16)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-    for i in range(12):
-        text = " ".join(rng.choice(words, size=300)) + ".\n"
-        (folder / f"doc{i:02d}.txt").write_text(text)
-    return folder
-
-
 def config(tmp_path, corpus, **kw):
     base = dict(data=str(corpus), char=True, model=dict(TINY), steps=6, batch_size=2,
                 block_size=16, warmup=2, lr=3e-3, eval_every=3, eval_iters=2, log_every=2,
