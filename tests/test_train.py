@@ -253,3 +253,35 @@ def test_a_checkpoint_saved_before_the_design_settings_resumes(tmp_path, corpus)
     save_checkpoint(path, meta, arrays)
     run, s = train(config(tmp_path, corpus, steps=6), resume=tmp_path / "run")
     assert s["step"] == 6 and run.model.config.norm_position == "pre"
+
+
+def test_the_first_threaded_run_of_a_process_equals_the_next(tmp_path, corpus):
+    # Slices of a batch on threads (data_threads 2) from the very first step of a fresh
+    # process: both threads must find every fast path registered, or one of them runs a
+    # reference op and the step differs in the last bits from the same step run later.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import numpy as np
+from tinyllm.train import TrainConfig, train
+runs = []
+for name in ("first", "second"):
+    cfg = TrainConfig(data={str(corpus)!r}, char=True, steps=3, batch_size=4, block_size=16,
+                      warmup=1, lr=3e-3, eval_every=3, eval_iters=1, sample_tokens=0, quiet=True,
+                      data_threads=2, out={str(tmp_path)!r} + "/" + name,
+                      cache_dir={str(tmp_path / "cache")!r},
+                      model=dict(n_layers=2, d_model=32, n_heads=2, context_length=16))
+    run, _ = train(cfg)
+    assert run.shards == 2
+    runs.append({{k: np.array(v) for k, v in run.model.state_dict().items()}})
+bad = [k for k in runs[0] if not np.array_equal(runs[0][k], runs[1][k])]
+print("differ:", bad)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "differ: []" in out.stdout, out.stdout

@@ -18,6 +18,7 @@ backward, in the dtypes it runs in.
 """
 
 import os
+import threading
 
 import numpy as np
 
@@ -91,10 +92,20 @@ class FastPath:
 _loaded = False
 
 
+_load_lock = threading.RLock()
+
+
 def _load():
-    """Import the modules that register fast paths (once; they import the ops they tune)."""
+    """Import the modules that register fast paths (once; they import the ops they tune).
+    Marked done only when both are imported, under a lock: a thread that found the flag set
+    while another was still importing would pick references for the ops not yet registered
+    (slices of a batch on threads, tinyllm.train's data_threads, then differ in the last bits
+    on the first step of a process)."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        from autograd.fast import cpu  # noqa: F401
-        from autograd.fast.cuda import paths  # noqa: F401
+    if _loaded:
+        return
+    with _load_lock:
+        if not _loaded:
+            from autograd.fast import cpu  # noqa: F401
+            from autograd.fast.cuda import paths  # noqa: F401
+            _loaded = True
