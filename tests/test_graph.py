@@ -20,7 +20,9 @@ from autograd import amp, backend, optim
 from autograd.tensor import Tensor
 from tinyllm.cli import UsageError
 from tinyllm.model import GPT, ModelConfig
-from tinyllm.train import TrainConfig, train
+from tinyllm.train import train
+
+from test_train import config as train_config
 
 cuda = pytest.mark.skipif(not backend.cuda_available(), reason="CuPy with a CUDA GPU is not available")
 
@@ -34,12 +36,9 @@ TINY = dict(n_layers=2, d_model=32, n_heads=2, context_length=16)
 
 
 def config(tmp_path, corpus, **kw):
-    base = dict(data=str(corpus), char=True, model=dict(TINY), steps=8, batch_size=4,
-                block_size=16, warmup=2, lr=3e-3, eval_every=4, eval_iters=2, log_every=1,
-                sample_tokens=0, quiet=True, out=str(tmp_path / "run"),
-                cache_dir=str(tmp_path / "cache"))
-    base.update(kw)
-    return TrainConfig(**base)
+    """test_train's tiny run, two layers deep, 8 steps, each logged."""
+    return train_config(tmp_path, corpus, **{**dict(model=dict(TINY), steps=8, batch_size=4,
+                                                    eval_every=4, log_every=1), **kw})
 
 
 def losses(tmp_path):
