@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from autograd import backend
+from autograd import backend, fast
 
 MODES = ("float32", "tf32", "bfloat16", "float16")
 
@@ -71,7 +71,7 @@ def low(a):
     """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
     low_ = _state.low
     if low_ is not None and a.dtype == np.float32:
-        b = a.astype(low_)
+        b = fast.astype(a, low_)
         if _counting:
             _count_cast(a, b)
         return b

@@ -86,7 +86,17 @@ def tinyllm_model(case, device="cuda"):
 
 # ---- tinyllm --------------------------------------------------------------------------------------
 
-def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False, graph=True):
+def profiled_step(step, profiler, synchronize):
+    """One more step between cudaProfilerStart and Stop, for `ncu --profile-from-start off`
+    (benchmarks/kernel_table.py sums what it records by kernel)."""
+    profiler.start()
+    step()
+    synchronize()
+    profiler.stop()
+
+
+def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False, graph=True,
+                profile_step=False):
     import cupy as cp
     import numpy as np
 
@@ -153,6 +163,8 @@ def run_tinyllm(case, mode, batch, steps, warmup, checkpoint_blocks=False, graph
     loss = float(loss)
     cp.cuda.Device().synchronize()
     dt = (time.perf_counter() - t0) / steps
+    if profile_step:
+        profiled_step(step, cp.cuda.profiler, cp.cuda.Device().synchronize)
     return dict(seconds_per_step=dt, peak_bytes=max(peak[0], graph_bytes), loss=loss,
                 flops_per_token=model.flops_per_token(), params=model.num_params(non_embedding=False))
 
@@ -254,7 +266,8 @@ def torch_model(torch, cfg, fused_attention=True):
     return model
 
 
-def run_torch(case, mode, batch, steps, warmup, compile=False, fused_attention=True):
+def run_torch(case, mode, batch, steps, warmup, compile=False, fused_attention=True,
+              profile_step=False):
     import torch
 
     c, cfg = CASES[case], model_config(case)
@@ -293,6 +306,8 @@ def run_torch(case, mode, batch, steps, warmup, compile=False, fused_attention=T
     loss = loss.item()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    if profile_step:
+        profiled_step(step, torch.cuda.profiler, torch.cuda.synchronize)
     flops = 6 * (n - n_pos) + 12 * cfg.n_layers * T * cfg.d_model
     return dict(seconds_per_step=dt, peak_bytes=torch.cuda.max_memory_allocated(), loss=loss,
                 flops_per_token=flops, params=n)
@@ -304,10 +319,10 @@ def single(args):
     if args.framework in ("tinyllm", "tinyllm-eager"):
         result = run_tinyllm(args.case, args.mode, args.batch, args.steps, args.warmup,
                              args.checkpoint_blocks, graph=args.framework == "tinyllm"
-                             and not args.checkpoint_blocks)
+                             and not args.checkpoint_blocks, profile_step=args.profile_step)
     elif args.framework in ("torch", "torch-compile"):
         result = run_torch(args.case, args.mode, args.batch, args.steps, args.warmup,
-                           compile=args.framework == "torch-compile")
+                           compile=args.framework == "torch-compile", profile_step=args.profile_step)
     else:
         raise SystemExit(f"unknown framework {args.framework!r}; known: {', '.join(FRAMEWORKS)}")
     result.update(case=args.case, framework=args.framework, mode=args.mode, batch=args.batch)
@@ -370,6 +385,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch-compile: at least 3)")
     p.add_argument("--single", nargs=2, metavar=("FRAMEWORK", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file (JSON lines)")
+    p.add_argument("--profile-step", action="store_true",
+                   help="with --single: one more step between cudaProfilerStart and Stop (for ncu)")
     p.add_argument("--checkpoint-blocks", action="store_true",
                    help="tinyllm with activation checkpointing (each block recomputed in backward)")
     args = p.parse_args()

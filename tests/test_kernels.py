@@ -152,6 +152,100 @@ def test_gemm_against_matmul(ta, tb):
     assert lo.dtype == np.float32 and np.allclose(lo.get(), want, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("route", ["ex", "lt", "tune"])
+@pytest.mark.parametrize("ta,tb", [(False, True), (False, False), (True, False), (True, True)])
+def test_2d_gemm_routes_against_float64(monkeypatch, route, ta, tb):
+    """2-D products (cuBLASLt unless TINYLLM_GEMM=ex; tune times its candidates first) equal
+    the float64 product of the same operands: plain, accumulated into an output, into a
+    bfloat16 output, from operands whose rows are strided views, and under TF32."""
+    monkeypatch.setenv("TINYLLM_GEMM", route)
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(5)
+    m, n, k = 70, 48, 40
+    for low in (np.dtype(np.float32), backend.bfloat16()):
+        big_a = cp.asarray(rand(rng, *((k, m + 8) if ta else (m, k + 8)))).astype(low)
+        a = big_a[:, :m] if ta else big_a[:, :k]  # rows strided: a leading dimension > columns
+        b = cp.asarray(rand(rng, *((n, k) if tb else (k, n)))).astype(low)
+        A = a.astype(np.float32).get().astype(np.float64)
+        B = b.astype(np.float32).get().astype(np.float64)
+        want = (A.T if ta else A) @ (B.T if tb else B)
+        tol = 1e-4 * np.abs(want).max()
+        got = kernels.gemm(a, b, ta, tb)
+        assert got.shape == (1, m, n) and got.dtype == np.float32
+        assert np.abs(got.get()[0] - want).max() < tol
+        out = cp.asarray(rand(rng, m, n))
+        before = out.get().astype(np.float64)
+        kernels.gemm(a, b, ta, tb, out=out, accumulate=True)
+        assert np.abs(out.get() - before - want).max() < tol
+        lo = kernels.gemm(a, b, ta, tb, out_dtype=low)
+        assert lo.dtype == low
+        assert np.abs(lo.astype(np.float32).get()[0] - want).max() < 1e-2 * np.abs(want).max()
+    f32 = cp.asarray(rand(rng, m, k)), cp.asarray(rand(rng, n, k))
+    want = f32[0].get().astype(np.float64) @ f32[1].get().astype(np.float64).T
+    with amp.autocast("tf32"):
+        got = kernels.gemm(*f32, trans_b=True).get()[0]
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 5e-3  # TensorFloat-32 inputs: a 10-bit mantissa
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_cast_is_astype_in_c_order(low):
+    """kernels.cast (amp.low's fast path) gives CuPy's astype bit for bit, in C order: contiguous
+    arrays with a tail of n % 8, an unaligned start, strided views of 2 and 4 axes (attention's
+    transposed heads), 5 axes (CuPy's fallback), specials (inf, nan, subnormals, overflow)."""
+    cp = backend.cupy_module()
+    low = backend.bfloat16() if low == "bfloat16" else np.dtype(np.float16)
+    rng = np.random.default_rng(6)
+    base = rand(rng, 4, 37, 6, 16, scale=100)
+    base.flat[:8] = [np.inf, -np.inf, np.nan, 1e-40, -1e-45, 3.4e38, 65520.0, -0.0]
+    x = cp.asarray(base)
+    cases = {"contiguous": x, "odd size": x.reshape(-1)[: 8 * 101 + 5],
+             "unaligned": x.reshape(-1)[1:1001], "2-D strided": x.reshape(-1, 16)[::3, 1:9],
+             "heads transposed": x.transpose(0, 2, 1, 3),
+             "5 axes": x.reshape(4, 37, 6, 4, 4).transpose(4, 1, 0, 2, 3), "empty": x[:0]}
+    for name, a in cases.items():
+        got = kernels.cast(a, low)
+        want = cp.ascontiguousarray(a.astype(low))
+        assert got.dtype == low and got.shape == a.shape and got.flags.c_contiguous, name
+        g, w = got.view(np.uint16).get(), want.view(np.uint16).get()
+        nan = np.isnan(want.astype(np.float32).get())
+        assert np.array_equal(g[~nan], w[~nan]), name  # every bit, signed zeros included
+        assert np.isnan(got.astype(np.float32).get()[nan]).all(), name
+    with amp.autocast("bfloat16"):
+        assert amp.low(x).flags.c_contiguous and amp.low(x).dtype == backend.bfloat16()
+
+
+def test_attention_backward_preamble_reads_a_strided_gradient():
+    """drow = rowsum(g * y) and g in bfloat16 from one kernel, g a transposed view as the model
+    hands it (its rows strided, its last axis contiguous), against CuPy's steps."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(7)
+    B, H, T, D = 2, 3, 40, 64
+    g = cp.asarray(rand(rng, B, T, H, D)).transpose(0, 2, 1, 3)
+    y = cp.asarray(rand(rng, B, H, T, D))
+    drow, gl = kernels._attention_bwd_prep(g, y, backend.bfloat16())
+    want = (g.get().astype(np.float64) * y.get()).sum(axis=-1)
+    assert drow.shape == (B, H, T) and np.allclose(drow.get(), want, rtol=1e-5, atol=1e-5)
+    assert gl.flags.c_contiguous and gl.data.ptr % 16 == 0
+    assert np.array_equal(gl.view(np.uint16).get(),
+                          cp.ascontiguousarray(g.astype(backend.bfloat16())).view(np.uint16).get())
+
+
+def test_lm_head_gradient_is_written_in_the_product_dtype():
+    """Under bfloat16, the fused head's logits gradient comes out of the kernel in bfloat16,
+    equal bit for bit to the float32 gradient cast afterwards (the reference's amp.low)."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(8)
+    z = cp.asarray(rand(rng, 9, 70, scale=3))
+    t = cp.asarray(rng.integers(0, 70, 9))
+    _, lse = kernels.cross_entropy_forward(z, t, -1)
+    w = cp.asarray(rand(rng, 9))
+    full = kernels.cross_entropy_backward(z, t, lse, w)
+    low = kernels.cross_entropy_backward(z, t, lse, w, out_dtype=backend.bfloat16())
+    assert full.dtype == np.float32 and low.dtype == backend.bfloat16()
+    assert np.array_equal(low.view(np.uint16).get(), full.astype(backend.bfloat16()).view(np.uint16).get())
+
+
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("TINYLLM_FUSED", "0")
     cp = backend.cupy_module()
@@ -194,6 +288,36 @@ def test_rope_kernel(style):
     cos, sin = (a.astype(np.float32) for a in rope_tables(11, 8))
     x = rand(rng, 2, 3, 11, 8)
     compare(lambda t: rope(t, backend.to_device(cos, t.device), backend.to_device(sin, t.device), style), [x])
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_rope_kernel_reads_and_writes_the_heads_transposed(style):
+    """The model's q is a transposed view of its (B, T, H*D) product: the kernel reads it in
+    place, and the backward writes the gradient back in that (B, T, H, D) memory order, equal
+    to the rotation of a contiguous copy; the model's rope, transpose and reshape then agree
+    with the CPU forward and backward."""
+    from tinyllm.rope import rope, rope_tables
+
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(9)
+    B, T, H, D = 2, 11, 3, 8
+    cos, sin = (cp.asarray(a.astype(np.float32)) for a in rope_tables(T, D))
+    x = cp.asarray(rand(rng, B, T, H, D)).transpose(0, 2, 1, 3)
+    inter = style == "interleaved"
+    y = kernels.rope_rotate(x, cos, sin, +1, inter)
+    assert y.flags.c_contiguous
+    assert np.array_equal(y.get(), kernels.rope_rotate(cp.ascontiguousarray(x), cos, sin, +1, inter).get())
+    g = cp.asarray(rand(rng, B, H, T, D))
+    gx = kernels.rope_rotate(g, cos, sin, -1, inter, out_layout=x.strides)
+    assert gx.shape == x.shape and gx.transpose(0, 2, 1, 3).flags.c_contiguous
+    assert np.array_equal(gx.get(), kernels.rope_rotate(g, cos, sin, -1, inter).get())
+
+    def model_like(t):  # (B, T, H*D) -> heads -> rope -> back, as tinyllm.model's attention
+        c, s = backend.to_device(cos.get(), t.device), backend.to_device(sin.get(), t.device)
+        heads = t.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        return rope(heads, c, s, style).transpose(0, 2, 1, 3).reshape(B, T, H * D) * 1.0
+
+    compare(model_like, [rand(rng, B, T, H * D)])
 
 
 def test_grad_norm_kernel():

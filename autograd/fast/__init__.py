@@ -68,6 +68,18 @@ def cuda_float32(*arrays):
     return enabled() and all(backend.is_cupy_array(a) and a.dtype == np.float32 for a in arrays)
 
 
+def astype(a, dtype):
+    """a.astype(dtype) in C order. A float32 CuPy array cast to bfloat16/float16 (amp.low, for
+    every operand of a low-precision product) goes through one CUDA pass (cuda/cast.cu),
+    strided views included, unless the fast paths are off."""
+    if (enabled() and backend.is_cupy_array(a) and a.dtype == np.float32
+            and np.dtype(dtype).name in ("bfloat16", "float16")):
+        from autograd.fast.cuda import kernels
+
+        return kernels.cast(a, dtype)
+    return a.astype(dtype)
+
+
 def capturing():
     """Whether a CUDA graph is being captured (fast/cuda/graph.py): the ops then skip their
     checks that read device data on the host, which a captured step cannot do."""

@@ -1,5 +1,6 @@
 // Cross-entropy over rows of logits: one pass for the loss, one for the gradient. IN_T: the
-// logits' dtype. Reference: autograd/ops/losses.py (ce_rows, ce_row_grads).
+// logits' dtype; OUT_T: the gradient's (the logits', or the low-precision product dtype the
+// LM head's backward multiplies it in). Reference: autograd/ops/losses.py (ce_rows, ce_row_grads).
 // One block per row: lse = log sum_j exp(z_j) with a running (max, sum) pair, one read of z.
 extern "C" __global__ void ce_fwd(const IN_T* __restrict__ Z, const long long* __restrict__ t,
         float* __restrict__ lse, float* __restrict__ loss, int V, long long ignore) {
@@ -22,7 +23,7 @@ extern "C" __global__ void ce_fwd(const IN_T* __restrict__ Z, const long long* _
 
 // dz_j = (exp(z_j - lse) - [j == t]) * w, w = the row's weight (0 for ignored rows).
 extern "C" __global__ void ce_bwd(const IN_T* __restrict__ Z, const long long* __restrict__ t,
-        const float* __restrict__ lse, const float* __restrict__ w, IN_T* __restrict__ dZ,
+        const float* __restrict__ lse, const float* __restrict__ w, OUT_T* __restrict__ dZ,
         long long rows, int V) {
     for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
         float l = lse[r], wr = w[r];

@@ -16,6 +16,8 @@ classes that call them, each a fast path of a reference op, are in paths.py.
 - RMSNorm and LayerNorm (norm.cu): one kernel forward, one backward (weight gradients summed
   per block in shared memory, then added atomically).
 - SwiGLU, dropout (elementwise.cu), GELU (gelu.cu), RoPE (rope.cu): one pass each.
+- the casts of float32 activations and gradients to bfloat16/float16 (cast.cu): one pass,
+  16-byte loads and stores, strided views made contiguous on the way.
 - grad norm, clipping, AdamW (multi_tensor.cu): one launch over every parameter.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from autograd import amp, backend
-from autograd.fast.cuda import graph
+from autograd.fast.cuda import cublaslt, graph
 
 _cache = {}
 _HERE = Path(__file__).parent
@@ -113,6 +115,20 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
     tf32 = a.dtype == np.float32 and amp.precision() == "tf32"
     alpha = np.array(1.0, np.float32)
     beta = np.array(1.0 if accumulate else 0.0, np.float32)
+    compute = _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F
+    plan = None
+    if batch == 1 and cublaslt.available():
+        # column-major C^T (n x m) = op(B)^T op(A)^T, as below
+        plan = cublaslt.plan((int(trans_b), int(trans_a), n, m, k,
+                              _CUDA_DTYPE[b.dtype.name], ldb, 0, _CUDA_DTYPE[a.dtype.name], lda, 0,
+                              _CUDA_DTYPE[o.dtype.name], ldc, 0, 1, compute,
+                              tuple(cublaslt.alignment(x.data.ptr) for x in (b, a, o))))
+    if plan is not None:
+        if not plan.tuned and cublaslt.tuning() and not graph.capturing():
+            scratch = cp.empty_like(o) if accumulate else o
+            plan.tune(b.data.ptr, a.data.ptr, scratch.data.ptr)
+        plan.run(b.data.ptr, a.data.ptr, o.data.ptr, float(beta))
+        return out
     handle = cp.cuda.device.get_cublas_handle()
     call = _captured_gemm if graph.capturing() else cublas.gemmStridedBatchedEx
     call(
@@ -123,7 +139,7 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
         b.data.ptr, _CUDA_DTYPE[b.dtype.name], ldb, sb,
         a.data.ptr, _CUDA_DTYPE[a.dtype.name], lda, sa,
         beta.ctypes.data, o.data.ptr, _CUDA_DTYPE[o.dtype.name], ldc, sc,
-        batch, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F, _GEMM_DEFAULT,
+        batch, compute, _GEMM_DEFAULT,
     )
     return out
 
@@ -363,15 +379,34 @@ def flash_attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
     return y, lse
 
 
+def _attention_bwd_prep(g, y, low):
+    """drow = rowsum(g * y) (B*H*T,) float32 and g in `low`, contiguous and 16-byte aligned,
+    for g (B, H, T, D) and y (the forward's output, contiguous float32): one kernel when g is
+    float32 with a contiguous last axis, else the same in CuPy's steps."""
+    cp = _cp()
+    B, H, T, D = g.shape
+    its = g.itemsize
+    if (g.dtype == np.float32 and y.dtype == np.float32 and y.flags.c_contiguous
+            and g.strides[3] == its and all(s % its == 0 for s in g.strides)):
+        gl = cp.empty(g.shape, low)
+        drow = cp.empty((B, H, T), np.float32)
+        rows = B * H * T
+        kernel = _kernel("attn_bwd_prep", "attention.cu", OUT_T=low)
+        kernel((int(min((rows + 7) // 8, 65535 * 8)),), (256,),
+               (g, y, gl, drow, np.int64(rows), np.int32(H), np.int32(T), np.int32(D),
+                *(np.int64(s // its) for s in g.strides[:3])))
+        return drow, gl
+    drow = (g.astype(np.float32, copy=False) * y).sum(axis=-1)
+    return drow, _aligned(g.astype(low))
+
+
 def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
     """dq, dk, dv (float32) for the saved q, k, v (bfloat16 or float16), y and lse."""
     cp = _cp()
     q, k, v = (_aligned(a) for a in (q, k, v))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    g = g.reshape(B, Hq, T, D)
-    drow = (g.astype(np.float32, copy=False) * y).sum(axis=-1)  # rowsum(dO * O)
-    gl = _aligned(g.astype(q.dtype))
+    drow, gl = _attention_bwd_prep(g.reshape(B, Hq, T, D), y, q.dtype)
     dq = cp.empty((B, Hq, T, D), np.float32)
     dk = cp.empty((B, Hkv, S, D), np.float32)
     dv = cp.empty((B, Hkv, S, D), np.float32)
@@ -393,16 +428,18 @@ def cross_entropy_forward(z, t, ignore_index):
     t = cp.ascontiguousarray(t.astype(np.int64, copy=False))
     lse = cp.empty(N, np.float32)
     loss = cp.empty(N, np.float32)
-    _kernel("ce_fwd", "cross_entropy.cu", IN_T=z.dtype)((N,), (512,), (z, t, lse, loss, np.int32(V), np.int64(ignore_index)))
+    _kernel("ce_fwd", "cross_entropy.cu", IN_T=z.dtype, OUT_T=z.dtype)((N,), (512,), (z, t, lse, loss, np.int32(V), np.int64(ignore_index)))
     return loss, lse
 
 
-def cross_entropy_backward(z, t, lse, w):
+def cross_entropy_backward(z, t, lse, w, out_dtype=None):
+    """dz (N, V) in out_dtype (default z's): the LM head's gradient can be written straight in
+    the product's low-precision dtype, with no float32 copy between."""
     cp = _cp()
     z = cp.ascontiguousarray(z)
     N, V = z.shape
-    dz = cp.empty_like(z)
-    _kernel("ce_bwd", "cross_entropy.cu", IN_T=z.dtype)(
+    dz = cp.empty(z.shape, out_dtype or z.dtype)
+    _kernel("ce_bwd", "cross_entropy.cu", IN_T=z.dtype, OUT_T=dz.dtype)(
         _grid2(N, V), (256,),
         (z, cp.ascontiguousarray(t.astype(np.int64, copy=False)), lse,
          cp.ascontiguousarray(w.astype(np.float32, copy=False)), dz, np.int64(N), np.int32(V)))
@@ -488,6 +525,30 @@ def gelu_tanh_backward(g, x):
     return gx
 
 
+# ---- casts to the low-precision dtype -----------------------------------------------------------
+
+def cast(x, dtype):
+    """x (float32) as a C-contiguous array of `dtype` (bfloat16 or float16) in one pass:
+    x.astype(dtype) for contiguous x, ascontiguousarray(x.astype(dtype)) for a strided view of
+    up to 4 axes (more axes: CuPy's own two passes)."""
+    cp = _cp()
+    y = cp.empty(x.shape, dtype)
+    if x.size == 0:
+        return y
+    if x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        n = x.size
+        blocks = int(min(((n + 7) // 8 + 255) // 256, 65535 * 4)) or 1
+        _kernel("cast_contiguous", "cast.cu", OUT_T=dtype)((blocks,), (256,), (x, y, np.int64(n)))
+    elif x.ndim <= 4 and all(s % 4 == 0 for s in x.strides):
+        shape = (1,) * (4 - x.ndim) + x.shape
+        strides = (0,) * (4 - x.ndim) + tuple(s // 4 for s in x.strides)
+        _launch_1d(_kernel("cast_strided", "cast.cu", OUT_T=dtype), x.size, x, y, np.int64(x.size),
+                   *(np.int64(d) for d in shape[1:]), *(np.int64(s) for s in strides))
+    else:
+        y[...] = x.astype(dtype)
+    return y
+
+
 # ---- multi-tensor kernels: one launch over every parameter --------------------------------------
 
 _CHUNK = 1 << 16  # elements per thread block
@@ -549,22 +610,40 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weig
         np.uint64(hp or 0), _ptr(sumsq))
 
 
-def rope_rotate(x, cos, sin, sign, interleaved):
+def rope_rotate(x, cos, sin, sign, interleaved, out_layout=None):
     """Rotate the pairs of the last axis of x (..., T, D) by sign * angle, in one pass.
 
     cos, sin: (T, D/2) tables. The pair of element j is (j, j + D/2) in the rotate-half
-    convention, (2i, 2i + 1) interleaved.
+    convention, (2i, 2i + 1) interleaved. A 4-D x is read through its strides (a transposed
+    view needs no copy first); the result is C-contiguous, or has its axes in memory in the
+    order of the strides `out_layout` (the backward writes the gradient in its input's
+    layout, so the transpose and reshape before RoPE pass it on as views).
     """
     cp = _cp()
-    x = cp.ascontiguousarray(x)
-    T, D = x.shape[-2], x.shape[-1]
+    its, shape = x.itemsize, x.shape
+    if x.ndim != 4 or x.strides[3] != its or any(st % its for st in x.strides):
+        x = cp.ascontiguousarray(x)
+    if x.ndim != 4:
+        x, out_layout = x.reshape(-1, 1, *x.shape[-2:]), None  # (rows of T positions, 1, T, D)
+    A, H, T, D = x.shape
+    y = cp.empty(x.shape, x.dtype) if out_layout is None else empty_in_layout(x.shape, out_layout, x.dtype)
     cos = cp.ascontiguousarray(cos, dtype=x.dtype)
     sin = cp.ascontiguousarray(sin, dtype=x.dtype)
-    y = cp.empty_like(x)
     rows = x.size // D
     per_block = max(1, 256 // (D // 2))
     grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)
     _kernel("rope_rotate", "rope.cu", IN_T=x.dtype)(
-        grid, (D // 2, per_block), (x, cos, sin, y, np.int64(rows), np.int32(T), np.int32(D),
-                                     np.int32(bool(interleaved)), np.float32(sign)))
-    return y
+        grid, (D // 2, per_block),
+        (x, cos, sin, y, np.int64(rows), np.int32(H), np.int32(T), np.int32(D),
+         *(np.int64(st // its) for st in x.strides[:3]), *(np.int64(st // its) for st in y.strides[:3]),
+         np.int32(bool(interleaved)), np.float32(sign)))
+    return y.reshape(shape) if len(shape) != 4 else y
+
+
+def empty_in_layout(shape, strides, dtype):
+    """An empty dense array of `shape` whose axes lie in memory in the order of `strides`
+    (largest first): C-contiguous for a C-contiguous array's strides, transposed for a
+    transposed view's."""
+    order = sorted(range(len(shape)), key=lambda a: -strides[a])
+    y = _cp().empty(tuple(shape[a] for a in order), dtype)
+    return y.transpose(tuple(int(a) for a in np.argsort(order)))

@@ -45,10 +45,17 @@ class CrossEntropyCUDA(FastPath, CrossEntropy):
     row_grads = staticmethod(kernels.cross_entropy_backward)
 
 
+def _ce_row_grads_low(z, t, lse, w):
+    """The logits' gradient in the dtype the LM head's products run in (amp.low's), written by
+    the kernel itself: the reference writes float32, then amp.low casts it, two more passes
+    over the largest array of the step (chunk rows x vocabulary)."""
+    return kernels.cross_entropy_backward(z, t, lse, w, out_dtype=amp.low_dtype())
+
+
 @fast.register("cuda", "float32")
 class LinearCrossEntropyCUDA(FastPath, LinearCrossEntropy):
     rows = staticmethod(_ce_rows)
-    row_grads = staticmethod(kernels.cross_entropy_backward)
+    row_grads = staticmethod(_ce_row_grads_low)
 
 
 @fast.register("cuda", "float32")
@@ -111,8 +118,17 @@ class GeluTanhCUDA(FastPath, GeluTanh):
 
 @fast.register("cuda", "float32")
 class RotateCUDA(FastPath, Rotate):
-    def rotate(self, x, sign):
-        return kernels.rope_rotate(x, self.cos, self.sin, sign, self.style == "interleaved")
+    """One pass each way, reading a strided input in place; the gradient is written in the
+    forward input's memory layout (for the model's q and k, the (B, T, H, D) order of the
+    product they came from), so the transpose and reshape behind RoPE pass it on as views."""
+
+    def forward(self, x):
+        self.layout = x.strides if x.ndim == 4 else None  # strides only: x itself is not kept
+        return kernels.rope_rotate(x, self.cos, self.sin, +1, self.style == "interleaved")
+
+    def backward(self, g):
+        return kernels.rope_rotate(g, self.cos, self.sin, -1, self.style == "interleaved",
+                                   out_layout=self.layout)
 
 
 @fast.register("cuda", "float32")
