@@ -229,7 +229,7 @@ def dropout_keep(shape, dropout_p, seed):
     index (C order) and the seed."""
     keep = _cp().empty(shape, dtype=bool)
     _launch_1d(_kernel("dropout_keep_mask", "elementwise.cu"), keep.size, keep, np.int64(keep.size),
-               *graph.seed_args(seed), np.uint32(int(dropout_p * (1 << 24))))
+               *_dropout_args(dropout_p, seed)[:3])  # no scale: the mask alone
     return keep
 
 
@@ -240,8 +240,7 @@ def dropout_apply(x, dropout_p, seed):
     x = cp.ascontiguousarray(x)
     y = cp.empty_like(x)
     _launch_1d(_kernel("dropout_apply", "elementwise.cu"), x.size, x, y, np.int64(x.size),
-               *graph.seed_args(seed), np.uint32(int(dropout_p * (1 << 24))),
-               np.float32(1 / (1 - dropout_p)))
+               *_dropout_args(dropout_p, seed))
     return y
 
 
