@@ -1,11 +1,11 @@
 """cuBLASLt matrix products through ctypes: the same C = op(A) op(B) (+ C) as cublasGemmEx,
 with the algorithm chosen per shape by cuBLASLt's heuristic, or by timing its best few
-candidates once (`tune`).
+candidates once (`tune`, TINYLLM_GEMM=tune).
 
-Why not GemmEx alone: for bfloat16 operands with a float32 result, GemmEx's default choice on
-Hopper was up to 2.3x slower than the same product with a bfloat16 result, though writing
-float32 costs at most the extra bytes (benchmarks/gemm_gpu.py measures both). cuBLASLt asks
-for candidates for exactly this type combination.
+cuBLASLt is the cuBLAS interface that exposes the algorithm choice (and the epilogues that
+fuse a bias or an activation into a product). On the products of a training step it picks
+the same kernels as GemmEx and runs as fast as PyTorch's (benchmarks/gemm_gpu.py);
+TINYLLM_GEMM=ex sends every product back to GemmEx.
 
 A plan (the descriptors and the chosen algorithm) is built once per shape, layout and dtype
 combination and kept; calls then cost one cublasLtMatmul. Everything here is host-side setup
@@ -16,7 +16,6 @@ Column-major throughout, as cuBLAS is: kernels.gemm swaps the operands of a row-
 
 import ctypes
 import os
-
 
 from autograd import backend
 

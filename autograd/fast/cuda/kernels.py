@@ -90,7 +90,8 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, out_dtype=np.float32, acc
     a, b: 3-D (batch, rows, cols) or 2-D arrays of one dtype; a batch of 1 broadcasts. The
     result can be float32 whatever the inputs (bfloat16 products accumulate in float32), which
     cupy.matmul cannot do. Row-major C = A B is column-major C^T = B^T A^T, so cuBLAS gets
-    the operands swapped.
+    the operands swapped. A single product goes through cuBLASLt (cublaslt.py), a batch (and
+    a single one with TINYLLM_GEMM=ex, or one cuBLASLt has no algorithm for) through GemmEx.
     """
     cp = _cp()
     from cupy.cuda import cublas
