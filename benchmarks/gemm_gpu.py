@@ -87,10 +87,13 @@ def main():
     p.add_argument("--mode", default="bfloat16", choices=["bfloat16", "tf32"])
     args = p.parse_args()
 
-    import cupy as cp
     import numpy as np
 
     from autograd import amp, backend
+    if not backend.cuda_available():
+        print("gemm_gpu.py: needs CuPy and a CUDA GPU, and this machine has none", file=sys.stderr)
+        sys.exit(2)
+    import cupy as cp
     from autograd.fast.cuda import kernels
 
     amp.set_precision(args.mode)

@@ -17,6 +17,7 @@ import argparse
 import collections
 import csv
 import re
+import sys
 
 _UNITS = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0}  # to ms
 
@@ -34,14 +35,23 @@ def short(name):
 
 
 def read(path):
-    """[(kernel name, ms)] of every profiled kernel in the CSV."""
+    """[(kernel name, ms)] of every profiled kernel in the CSV; ValueError naming the file and
+    line when it holds no kernel durations or a unit this script does not know."""
     with open(path, newline="") as f:
-        lines = [ln for ln in f if ln.startswith('"')]  # ncu's own notes are not CSV rows
+        lines = [(n, ln) for n, ln in enumerate(f, 1) if ln.startswith('"')]  # ncu's notes are not CSV
     rows = []
-    for r in csv.DictReader(lines):
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            value = float(r["Metric Value"].replace(",", ""))
-            rows.append((short(r["Kernel Name"]), value * _UNITS[r["Metric Unit"]]))
+    for (n, _), r in zip(lines[1:], csv.DictReader(ln for _, ln in lines)):
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        unit = r.get("Metric Unit")
+        try:
+            rows.append((short(r["Kernel Name"]), float(r["Metric Value"].replace(",", "")) * _UNITS[unit]))
+        except (KeyError, ValueError, AttributeError):
+            raise ValueError(f"{path}, line {n}: a kernel row without a name, a number or a "
+                             f"known unit (unit {unit!r})") from None
+    if not rows:
+        raise ValueError(f"{path}: no gpu__time_duration.sum rows (expected the CSV of "
+                         "ncu --metrics gpu__time_duration.sum --csv)")
     return rows
 
 
@@ -50,7 +60,13 @@ def main():
     p.add_argument("csv")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
-    rows = read(args.csv)
+    if args.top < 1:
+        p.error(f"--top must be a positive number of kernels, not {args.top}")
+    try:
+        rows = read(args.csv)
+    except (OSError, ValueError) as e:
+        print(f"kernel_table.py: {e}", file=sys.stderr)
+        sys.exit(2)
     total = sum(ms for _, ms in rows)
     ms = collections.defaultdict(float)
     calls = collections.Counter()

@@ -390,6 +390,8 @@ def main():
     p.add_argument("--checkpoint-blocks", action="store_true",
                    help="tinyllm with activation checkpointing (each block recomputed in backward)")
     args = p.parse_args()
+    if args.profile_step and not args.single:
+        p.error("--profile-step profiles one run: it goes with --single FRAMEWORK MODE")
     if args.single:
         args.framework, args.mode = args.single
         if args.batch is None:
