@@ -67,6 +67,22 @@ def low_dtype():
     return _state.low
 
 
+def activation_dtype(x):
+    """The dtype a product should hand its result on in when only low-precision kernels read
+    it (the model's q, k, v, and GELU's and SwiGLU's inputs), or None for the usual one.
+
+    Under a low-precision mode, on the GPU with the fast paths on: the low dtype. Those kernels
+    read and write it (computing in float32), so a float32 result would be written only to be
+    cast again; PyTorch's autocast hands products on in the low dtype the same way. Elsewhere
+    (the CPU, float32, TINYLLM_FUSED=0) None: the results stay in the working dtype.
+    """
+    low_ = _state.low
+    data = getattr(x, "data", x)
+    if low_ is None or not fast.enabled() or not backend.is_cupy_array(data):
+        return None
+    return low_
+
+
 def low(a):
     """`a` in the matrix-product dtype: cast when a low precision is on and `a` is float32."""
     low_ = _state.low

@@ -149,8 +149,8 @@ class Linear(Module):
             self.weight = _normal(shape, std, dtype, device)
             self.bias = _zeros((out_features,), dtype, device) if bias else None
 
-    def forward(self, x):
-        return ops.linear(x, self.weight, self.bias)
+    def forward(self, x, out_dtype=None):
+        return ops.linear(x, self.weight, self.bias, out_dtype)
 
 
 class LoRALinear(Module):
@@ -182,8 +182,9 @@ class LoRALinear(Module):
         self.lora_A = _uniform((self.rank, in_features), 1 / np.sqrt(in_features), dtype, device)
         self.lora_B = _zeros((out_features, self.rank), dtype, device)
 
-    def forward(self, x):
-        return ops.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias)
+    def forward(self, x, out_dtype=None):
+        y = ops.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias)
+        return y if out_dtype is None or y.dtype == out_dtype else ops.cast(y, out_dtype)
 
     def merged(self):
         """A plain Linear computing the same function: weight W + scale B A, the same bias."""

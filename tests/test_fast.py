@@ -11,6 +11,9 @@ and every input gradient, in the dtypes the path runs in:
                                          by the cancellation in dS = P (dP - rowsum))
     bfloat16 / float16 products (CUDA)   the same autocast mode on both sides;
                                          relative error <= 3e-2 (bfloat16), 5e-3 (float16)
+    bfloat16 inputs (CUDA, the paths      bfloat16 mode; the fast path gets the inputs (and
+    registered for bfloat16)              the upstream gradient) in bfloat16, the reference
+                                          the same values in float32; relative error <= 3e-2
 
 The relative error is max |fast - reference| / max |reference| per array (at least 1e-3 of
 the largest array's, for arrays that are rounding noise around 0 on both sides). The CUDA cases
@@ -39,7 +42,7 @@ from autograd.ops.rope import Rotate
 
 import test_ops
 
-TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 5e-3}
+TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 5e-3, "bfloat16-inputs": 3e-2}
 
 
 # ---- coverage ---------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ def _params():
     for ref, entry in FAST_CASES.items():
         for cls in entry.get("paths", ()):
             modes = ["float32"] + (["bfloat16", "float16"] if entry.get("low") and cls.device == "cuda" else [])
+            modes += ["bfloat16-inputs"] if "bfloat16" in cls.dtypes else []
             marks = [] if cls.device == "cpu" else [pytest.mark.skipif(
                 not backend.cuda_available(), reason="CuPy with a CUDA GPU is not available")]
             out += [pytest.param(cls, mode, id=f"{cls.__name__}-{mode}", marks=marks) for mode in modes]
@@ -223,7 +227,7 @@ def _run(cls, ctor, arrays, device, upstream, mode):
     """Output and input gradients of cls(*ctor) applied to the arrays, as float64 NumPy."""
     tensors = [Tensor(a, requires_grad=True, device=device) for a in arrays]
     autograd.manual_seed(11)  # dropout: the same mask on both sides
-    with amp.autocast(mode):
+    with amp.autocast(mode.split("-")[0]):
         y = cls(*ctor).apply(*tensors)
         y.backward(backend.to_device(upstream.astype(y.dtype), device))
     grads = [t.grad for t in tensors]
@@ -240,13 +244,20 @@ def test_fast_path_matches_its_reference(cls, mode, data):
         return backend.to_device(a, device)
 
     ctor, arrays, pick_extra = FAST_CASES[ref]["case"](data, on)
-    pick_arrays = [on(a) for a in arrays] + list(pick_extra or [])
+    if mode == "bfloat16-inputs":  # both sides get the bfloat16 values; the path gets them as such
+        low = [a.astype(backend.bfloat16()) for a in arrays]
+        arrays, path_arrays = [a.astype(np.float32) for a in low], low
+    else:
+        path_arrays = arrays
+    pick_arrays = [on(a) for a in path_arrays] + list(pick_extra or [])
     assume(fast.pick(ref, *pick_arrays) is cls)  # the inputs this path is chosen for
     with autograd.no_grad():
         shape = cls(*ctor).apply(*[Tensor(a, device=device) for a in arrays]).shape
     upstream = np.random.default_rng(0).standard_normal(shape)
+    if mode == "bfloat16-inputs":
+        upstream = upstream.astype(backend.bfloat16()).astype(np.float64)
     want = _run(ref, ctor, arrays, device, upstream, mode)
-    got = _run(cls, ctor, arrays, device, upstream, mode)
+    got = _run(cls, ctor, path_arrays, device, upstream, mode)
     names = ["output"] + [f"grad {i}" for i in range(len(arrays))]
     # an array that is 0 in exact arithmetic (dQ of a query that sees one key) is rounding
     # noise on both sides: errors are relative to at least 1e-3 of the largest array's scale

@@ -515,3 +515,110 @@ def test_gpu_dropout_applies_the_mask_of_dropout_keep_in_one_pass():
         assert np.array_equal(got, want)
         assert np.array_equal(cp.asnumpy(kernels.dropout_apply(x[:, :, ::2], p, 5)),
                               cp.asnumpy(kernels.dropout_apply(cp.ascontiguousarray(x[:, :, ::2]), p, 5)))
+
+
+# ---- activations handed on in the low dtype (amp.activation_dtype) ------------------------------
+
+def _bits(a):
+    """The raw bits of a 16-bit CuPy array, as NumPy, in C order."""
+    return backend.cupy_module().ascontiguousarray(a).view(np.uint16).get()
+
+
+def _heads_view(cp, a):
+    """a (B, H, T, D) as the model hands it: a transposed view of a (B, T, H*D) array."""
+    B, H, T, D = a.shape
+    return cp.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("heads,T,causal,p", [((2, 2), 80, True, 0.0), ((4, 2), 64, True, 0.1),
+                                              ((3, 3), 33, False, 0.0)])
+def test_flash_reads_and_writes_the_heads_transposed(heads, T, causal, p):
+    """q, k, v, dO read through the strides of (B, T, H, D)-ordered views, and y, dq, dk, dv
+    written in bfloat16 in their inputs' memory order: bit for bit the contiguous float32
+    results rounded (the same float32 accumulators, read from other addresses)."""
+    cp = backend.cupy_module()
+    low = backend.bfloat16()
+    rng = np.random.default_rng(T)
+    Hq, Hkv = heads
+    B, D, scale = 2, 64, 0.125
+    q, k, v = (cp.asarray(rand(rng, *s)).astype(low) for s in ((B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D)))
+    qv, kv, vv = (_heads_view(cp, a) for a in (q, k, v))
+    assert not qv.flags.c_contiguous and kernels._flash_operand(qv) is qv  # read in place
+    y32, lse = kernels.flash_attention_forward(q, k, v, causal, scale, p, 5)
+    y, lse2 = kernels.flash_attention_forward(qv, kv, vv, causal, scale, p, 5, low, qv.strides)
+    assert y.dtype == low and y.transpose(0, 2, 1, 3).flags.c_contiguous  # (B, T, H, D) in memory
+    assert np.array_equal(_bits(y), _bits(kernels.cast(y32, low)))
+    assert np.array_equal(lse.get(), lse2.get())
+    g = cp.asarray(rand(rng, B, Hq, T, D)).astype(low)
+    want = kernels.flash_attention_backward(q, k, v, cp.ascontiguousarray(y), lse, g, causal, scale, p, 5)
+    got = kernels.flash_attention_backward(qv, kv, vv, y, lse, _heads_view(cp, g), causal, scale, p, 5,
+                                           low, (qv.strides, kv.strides, vv.strides))
+    for name, w, gt, inp in zip(("dq", "dk", "dv"), want, got, (qv, kv, vv)):
+        assert w.dtype == np.float32 and gt.dtype == low and gt.strides == inp.strides, name
+        assert np.array_equal(_bits(gt), _bits(kernels.cast(w, low))), name
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_elementwise_kernels_in_the_low_dtype_are_the_float32_ones_rounded(low):
+    """SwiGLU, GELU and RoPE on bfloat16/float16 arrays compute in float32 and round once: the
+    float32 kernels on the same values, rounded by kernels.cast, to the last bit."""
+    cp = backend.cupy_module()
+    low = backend.bfloat16() if low == "bfloat16" else np.dtype(np.float16)
+    rng = np.random.default_rng(3)
+    a, b, g = (cp.asarray(rand(rng, 5, 3, 77, scale=2)).astype(low) for _ in range(3))
+    f = [x.astype(np.float32) for x in (a, b, g)]
+
+    def same(got, want):
+        assert got.dtype == low
+        assert np.array_equal(_bits(got), _bits(kernels.cast(want, low)))
+
+    same(kernels.swiglu_forward(a, b), kernels.swiglu_forward(f[0], f[1]))
+    for got, want in zip(kernels.swiglu_backward(g, a, b), kernels.swiglu_backward(f[2], f[0], f[1])):
+        same(got, want)
+    same(kernels.gelu_tanh_forward(a), kernels.gelu_tanh_forward(f[0]))
+    same(kernels.gelu_tanh_backward(g, a), kernels.gelu_tanh_backward(f[2], a))
+    x = _heads_view(cp, cp.asarray(rand(rng, 2, 3, 9, 16)).astype(low))
+    ang = rng.uniform(-3, 3, (9, 8))
+    cos, sin = cp.asarray(np.cos(ang), np.float32), cp.asarray(np.sin(ang), np.float32)
+    for style in (False, True):
+        got = kernels.rope_rotate(x, cos, sin, +1, style, out_layout=x.strides)
+        assert got.strides == x.strides
+        same(got, kernels.rope_rotate(x.astype(np.float32), cos, sin, +1, style))
+
+
+@pytest.mark.parametrize("flavour,dropout", [("llama", 0.0), ("gpt2", 0.1)])
+def test_low_precision_activations_train_like_float32_ones(monkeypatch, flavour, dropout):
+    """A bfloat16 step of the model whose q, k, v and MLP activations travel in bfloat16
+    (amp.activation_dtype) against the same step with them in float32: the same loss and
+    gradients up to bfloat16 rounding; the activations really are bfloat16."""
+    from tinyllm.config import FLAVOURS
+    from tinyllm.model import GPT, ModelConfig
+
+    cfg = ModelConfig(**FLAVOURS[flavour], vocab_size=97, context_length=64, n_layers=2, n_heads=4,
+                      d_model=128, dropout=dropout, device="cuda")
+    autograd.manual_seed(0)
+    model = GPT(cfg)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 97, (3, 64))
+    tgt = rng.integers(0, 97, (3, 64))
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        autograd.manual_seed(1)
+        with amp.autocast("bfloat16"):
+            _, loss = model(idx, tgt, return_logits=False)
+            loss.backward()
+        return float(loss.numpy()), [p.grad.get() for p in model.parameters()]
+
+    seen = []
+    monkeypatch.setattr(ops, "gelu", lambda x, *a, f=ops.gelu, **k: seen.append(x.dtype) or f(x, *a, **k))
+    monkeypatch.setattr(ops, "swiglu", lambda a, b, f=ops.swiglu: seen.append(a.dtype) or f(a, b))
+    loss, grads = step()
+    assert seen and all(d == backend.bfloat16() for d in seen)
+    monkeypatch.setattr(amp, "activation_dtype", lambda x: None)
+    loss32, grads32 = step()
+    assert abs(loss - loss32) < 1e-2 * abs(loss32)
+    for g, w in zip(grads, grads32):
+        assert g.dtype == np.float32
+        assert np.abs(g - w).max() <= 5e-2 * np.abs(w).max() + 1e-6

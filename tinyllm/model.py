@@ -55,7 +55,7 @@ import math
 
 import numpy as np
 
-from autograd import backend, ops
+from autograd import amp, backend, ops
 from autograd.checkpoint import checkpoint
 from autograd.nn import Dropout, Embedding, LayerNorm, Linear, Module, RMSNorm
 from autograd.tensor import Tensor, is_grad_enabled
@@ -166,10 +166,14 @@ class CausalSelfAttention(Module):
     def forward(self, x, rope_tables=None, cache=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        # (B, T, H*D) -> (B, H, T, D): a view; RoPE then writes contiguous arrays
-        q = self.wq(x).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        # Under a low-precision mode on the GPU, q, k and v leave their products in the low
+        # dtype (amp.activation_dtype): RoPE and attention read and write it. A KV cache keeps
+        # the model's dtype, so decoding keeps them in that.
+        low = amp.activation_dtype(x) if cache is None else None
+        # (B, T, H*D) -> (B, H, T, D): a view, which RoPE and attention read in place
+        q = self.wq(x, out_dtype=low).reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        k = self.wk(x, out_dtype=low).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        v = self.wv(x, out_dtype=low).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         if rope_tables is not None:
             q = rope(q, *rope_tables, self.rope_style)
             k = rope(k, *rope_tables, self.rope_style)
@@ -195,11 +199,12 @@ class MLP(Module):
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
+        low = amp.activation_dtype(x)  # the activation's kernels read and write it (as in attention)
         if self.swiglu:
-            h = ops.swiglu(self.w1(x), self.w3(x))  # silu(w1 x) * w3 x, one op
+            h = ops.swiglu(self.w1(x, out_dtype=low), self.w3(x, out_dtype=low))  # silu(w1 x) * w3 x
         else:
-            h = ops.gelu(self.w1(x), approximate="tanh")
-        return self.drop(self.w2(h))
+            h = ops.gelu(self.w1(x, out_dtype=low), approximate="tanh")
+        return self.drop(self.w2(h))  # back in the weights' dtype: the residual stream's
 
 
 def _norm(cfg):

@@ -8,7 +8,7 @@ results from bfloat16 operands (CuPy's matmul cannot) and honours this thread's 
 
 import numpy as np
 
-from autograd import amp, backend
+from autograd import amp, backend, fast
 from autograd.fast.cuda import kernels as cuda
 from autograd.ops.common import xp_of
 from autograd.tensor import Function
@@ -108,42 +108,52 @@ def matmul(a, b):
 
 
 class Linear(Function):
-    def __init__(self, x_low=None):
+    def __init__(self, x_low=None, out_dtype=None):
         self.x_low = x_low  # a low-precision copy of x made by the caller, if any
+        self.out_dtype = out_dtype  # the result's dtype, when not the weight's
 
     def forward(self, x, w, b=None):
         # Under a low-precision mode the product runs in bfloat16/float16 (amp.low) and the
-        # result comes back in x's dtype; the low-precision copies are what backward keeps.
+        # result comes back in the weight's dtype (or out_dtype); the low-precision copies are
+        # what backward keeps.
         self.x = self.x_low if self.x_low is not None else amp.low(x)
         self.w = amp.low(w)
+        self.dtypes = x.dtype, w.dtype  # each gradient comes out of its product in its input's
         # (..., in) -> (rows, in) first: NumPy runs a stack of matrices times one matrix without
         # BLAS (20-60x slower on the CPU), while one 2-D product is a single GEMM.
         rows = self.x.reshape(-1, x.shape[-1])
-        y = mm(rows, self.w, False, True, x.dtype).reshape(*x.shape[:-1], w.shape[0])
-        if b is not None:
+        out_dtype = self.out_dtype or w.dtype
+        y = mm(rows, self.w, False, True, w.dtype if b is not None else out_dtype)
+        y = y.reshape(*x.shape[:-1], w.shape[0])
+        if b is not None:  # the bias is added in the weights' dtype, then the sum rounded once
             y += b
+            y = fast.astype(y, out_dtype) if y.dtype != out_dtype else y
         return y
 
     def backward(self, g):
         # y = x W^T + b  =>  dx = g W, dW = g^T x (rows of every batch together), db = sum g
         x, w = self.x, self.w
+        x_dtype, w_dtype = self.dtypes
         gl = amp.low(g).reshape(-1, g.shape[-1])
-        gx = gw = None
+        gx = gw = gb = None
         if self.needs_grad[0]:
-            gx = mm(gl, w, False, False, g.dtype).reshape(*g.shape[:-1], w.shape[1])
+            gx = mm(gl, w, False, False, x_dtype).reshape(*g.shape[:-1], w.shape[1])
         if self.needs_grad[1]:
-            gw = mm(gl, x.reshape(-1, x.shape[-1]), True, False, g.dtype)
-        gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if len(self.needs_grad) > 2 else None
+            gw = mm(gl, x.reshape(-1, x.shape[-1]), True, False, w_dtype)
+        if len(self.needs_grad) > 2:
+            gb = g.reshape(-1, g.shape[-1]).astype(w_dtype, copy=False).sum(axis=0)
         return gx, gw, gb
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias, with weight of shape (out_features, in_features)."""
+def linear(x, weight, bias=None, out_dtype=None):
+    """x @ weight.T + bias, with weight of shape (out_features, in_features), in weight's dtype
+    or `out_dtype` (a model asks for amp.activation_dtype when only low-precision kernels read
+    the result)."""
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
-    fn = Linear(shared_low_copy(x))
+    fn = Linear(shared_low_copy(x), None if out_dtype is None else backend.as_dtype(out_dtype))
     return fn.apply(x, weight) if bias is None else fn.apply(x, weight, bias)
 
 

@@ -57,23 +57,25 @@ extern "C" __global__ void attn_softmax_bwd(const float* __restrict__ S, const f
 }
 
 // The backward's preamble in one pass (flash and blockwise alike): for each row r = (b, h, t)
-// of the upstream gradient g (B, H, T, D), read through its strides (its last axis contiguous:
-// usually a transposed view of the (B, T, H*D) gradient), drow[r] = g_r . y_r (y contiguous)
-// and gl = g in OUT_T, contiguous. Reference: kernels.attention_backward's
-// (g * y).sum(-1) and g.astype(OUT_T). One warp per row.
-extern "C" __global__ void attn_bwd_prep(const float* __restrict__ g, const float* __restrict__ y,
+// of the upstream gradient g (B, H, T, D) and the forward's output y, both read through their
+// strides (last axis contiguous; usually transposed views of (B, T, H*D) arrays),
+// drow[r] = g_r . y_r, and, unless gl is null, gl = g in OUT_T, contiguous (B, H, T, D).
+// IN_T, Y_T: the dtypes of g and y. Reference: kernels.attention_backward's (g * y).sum(-1)
+// and g.astype(OUT_T). One warp per row.
+extern "C" __global__ void attn_bwd_prep(const IN_T* __restrict__ g, const Y_T* __restrict__ y,
         OUT_T* __restrict__ gl, float* __restrict__ drow, long long rows, int H, int T, int D,
-        long long sb, long long sh, long long st) {
+        long long sb, long long sh, long long st, long long yb, long long yh, long long yt) {
     int lane = threadIdx.x & 31;
     long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
     for (long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; r < rows; r += nwarps) {
-        long long t = r % T, bh = r / T;
-        const float* gr = g + (bh / H) * sb + (bh % H) * sh + t * st;
+        long long t = r % T, bh = r / T, b = bh / H, h = bh % H;
+        const IN_T* gr = g + b * sb + h * sh + t * st;
+        const Y_T* yr = y + b * yb + h * yh + t * yt;
         float s = 0.f;
         for (int d = lane; d < D; d += 32) {
-            float v = gr[d];
-            s += v * y[r * D + d];
-            put(gl + r * D + d, v);
+            float v = to_f(gr[d]);
+            s += v * to_f(yr[d]);
+            if (gl) put(gl + r * D + d, v);
         }
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
         if (lane == 0) drow[r] = s;

@@ -1,24 +1,28 @@
-// One-pass elementwise kernels on contiguous float32 arrays of n elements.
+// One-pass elementwise kernels on contiguous arrays of n elements. SwiGLU's read and write
+// EW_T: float, or __nv_bfloat16/__half when the products before it handed on the low dtype
+// (their arithmetic is float32 either way). Dropout's are float32.
 // References: autograd/ops/activations.py (SwiGLU), autograd/ops/dropout.py (hash_keep).
 
 // y = silu(a) b = a s(a) b
-extern "C" __global__ void swiglu_fwd(const float* __restrict__ a, const float* __restrict__ b,
-        float* __restrict__ y, long long n) {
+extern "C" __global__ void swiglu_fwd(const EW_T* __restrict__ a, const EW_T* __restrict__ b,
+        EW_T* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float s = 1.f / (1.f + expf(-a[i]));
-        y[i] = a[i] * s * b[i];
+        float av = to_f(a[i]);
+        float s = 1.f / (1.f + expf(-av));
+        put(y + i, av * s * to_f(b[i]));
     }
 }
 
 // da = g b (s + a s (1 - s)), db = g a s
-extern "C" __global__ void swiglu_bwd(const float* __restrict__ g, const float* __restrict__ a,
-        const float* __restrict__ b, float* __restrict__ ga, float* __restrict__ gb, long long n) {
+extern "C" __global__ void swiglu_bwd(const EW_T* __restrict__ g, const EW_T* __restrict__ a,
+        const EW_T* __restrict__ b, EW_T* __restrict__ ga, EW_T* __restrict__ gb, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float s = 1.f / (1.f + expf(-a[i]));
-        ga[i] = g[i] * b[i] * s * (1.f + a[i] * (1.f - s));
-        gb[i] = g[i] * a[i] * s;
+        float av = to_f(a[i]), gv = to_f(g[i]);
+        float s = 1.f / (1.f + expf(-av));
+        put(ga + i, gv * to_f(b[i]) * s * (1.f + av * (1.f - s)));
+        put(gb + i, gv * av * s);
     }
 }
 

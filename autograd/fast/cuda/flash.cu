@@ -1,8 +1,13 @@
 // FlashAttention-2 on tensor cores for bfloat16/float16 q, k, v (kernels.flash_attention_*).
-// ELEM, HEAD_DIM, MMA_T and PACK2_BODY are filled in per dtype and head size.
+// ELEM, HEAD_DIM, MMA_T and PACK2_BODY are filled in per dtype and head size; OUT_T is the
+// dtype of the results (O, dQ, dK, dV): float, or ELEM itself.
 // Reference: autograd/ops/attention.py (Attention).
+// Every (B, H, T, D) operand and result is addressed through its batch, head and row strides
+// (in elements; D contiguous), so the model's q, k, v can be read, and y, dq, dk, dv written,
+// in the (B, T, H, D) order of the products around attention: no transposing copies.
 typedef unsigned int u32;
 typedef ELEM elem;
+typedef OUT_T out_t;
 constexpr int D = HEAD_DIM;       // head size, a multiple of 16, at most 64
 constexpr int TILE = 64;          // queries or keys per block (4 warps x 16)
 constexpr int THREADS = 128;
@@ -42,16 +47,16 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
-// Start copying rows [r0, r0 + TILE) of a (n, D) matrix into tile[TILE][LD], 16 bytes per
+// Start copying rows [r0, r0 + TILE) of a (n, D) matrix with row stride ld into tile[TILE][LD], 16 bytes per
 // cp.async; rows past n are zero-filled. commit() closes the group, wait<N>() waits until at
 // most N groups are in flight.
-__device__ __forceinline__ void load_tile(const elem* src, int r0, int n, elem* tile) {
+__device__ __forceinline__ void load_tile(const elem* src, int r0, int n, long long ld, elem* tile) {
     constexpr int CH = D / 8;  // 16-byte chunks per row
     #pragma unroll
     for (int i = 0; i < TILE * CH / THREADS; ++i) {
         int c = i * THREADS + threadIdx.x, row = c / CH, col = (c % CH) * 8;
         bool in = r0 + row < n;
-        const elem* s = src + (long long)(in ? r0 + row : 0) * D + col;
+        const elem* s = src + (long long)(in ? r0 + row : 0) * ld + col;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                      :: "r"(smem(tile + row * LD + col)), "l"(s), "r"(in ? 16 : 0));
     }
@@ -62,10 +67,11 @@ template <int N> __device__ __forceinline__ void wait() { asm volatile("cp.async
 // In a loop over key tiles k0 = 0, TILE, .. < kend whose tile k0 was staged into buffer buf:
 // start copying tile k0 + TILE into the other buffer, then wait until tile k0 has arrived.
 __device__ __forceinline__ void kv_tiles_ready(const elem* k, const elem* v, int k0, int kend, int S,
+                                               long long kt, long long vt,
                                                elem (*sK)[TILE * LD], elem (*sV)[TILE * LD], int buf) {
     if (k0 + TILE < kend) {
-        load_tile(k, k0 + TILE, S, sK[buf ^ 1]);
-        load_tile(v, k0 + TILE, S, sV[buf ^ 1]);
+        load_tile(k, k0 + TILE, S, kt, sK[buf ^ 1]);
+        load_tile(v, k0 + TILE, S, vt, sV[buf ^ 1]);
         commit();
         wait<1>();
     } else {
@@ -74,16 +80,16 @@ __device__ __forceinline__ void kv_tiles_ready(const elem* k, const elem* v, int
     __syncthreads();
 }
 
-// A fragments (16 rows x D) of rows r, r + 8 of a (n, D) matrix in global memory.
-__device__ __forceinline__ void load_a(const elem* src, int r, int n, int t, u32 (*a)[4]) {
+// A fragments (16 rows x D) of rows r, r + 8 of a (n, D) matrix in global memory, row stride ld.
+__device__ __forceinline__ void load_a(const elem* src, int r, int n, long long ld, int t, u32 (*a)[4]) {
     #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
         int c = kk * 16 + 2 * t;
         bool in0 = r < n, in1 = r + 8 < n;
-        a[kk][0] = in0 ? ld2(src + (long long)r * D + c) : 0u;
-        a[kk][1] = in1 ? ld2(src + (long long)(r + 8) * D + c) : 0u;
-        a[kk][2] = in0 ? ld2(src + (long long)r * D + c + 8) : 0u;
-        a[kk][3] = in1 ? ld2(src + (long long)(r + 8) * D + c + 8) : 0u;
+        a[kk][0] = in0 ? ld2(src + (long long)r * ld + c) : 0u;
+        a[kk][1] = in1 ? ld2(src + (long long)(r + 8) * ld + c) : 0u;
+        a[kk][2] = in0 ? ld2(src + (long long)r * ld + c + 8) : 0u;
+        a[kk][3] = in1 ? ld2(src + (long long)(r + 8) * ld + c + 8) : 0u;
     }
 }
 
@@ -119,45 +125,59 @@ __device__ __forceinline__ void mm_acc(float (*acc)[4], float (*p)[4], const ele
     }
 }
 
-// Store rows r, r + 8 (those < n) of a 16 x D float block held as C fragments, times s0, s1.
-__device__ __forceinline__ void store_rows(float* dst, float (*acc)[4], int r, int n, int t,
-                                           float s0, float s1) {
+// Two adjacent results, rounded to nearest even when out_t is 16-bit (as kernels.cast rounds).
+__device__ __forceinline__ void store2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store2(__half* p, float a, float b) {
+    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+
+// Store rows r, r + 8 (those < n) of a 16 x D float block held as C fragments, times s0, s1,
+// into a matrix of row stride ld.
+__device__ __forceinline__ void store_rows(out_t* dst, float (*acc)[4], int r, int n, long long ld,
+                                           int t, float s0, float s1) {
     #pragma unroll
     for (int nd = 0; nd < ND; ++nd) {
         int c = nd * 8 + 2 * t;
-        if (r < n) *reinterpret_cast<float2*>(dst + (long long)r * D + c) = make_float2(acc[nd][0] * s0, acc[nd][1] * s0);
-        if (r + 8 < n) *reinterpret_cast<float2*>(dst + (long long)(r + 8) * D + c) = make_float2(acc[nd][2] * s1, acc[nd][3] * s1);
+        if (r < n) store2(dst + (long long)r * ld + c, acc[nd][0] * s0, acc[nd][1] * s0);
+        if (r + 8 < n) store2(dst + (long long)(r + 8) * ld + c, acc[nd][2] * s1, acc[nd][3] * s1);
     }
 }
 
 // Forward. grid (ceil(T / TILE), B * Hq). Query i of T sits at position i + S - T and, causal,
-// sees the keys j <= i + S - T. O (B*Hq, T, D) float32; lse (B*Hq, T) = log sum_j exp(s_ij).
+// sees the keys j <= i + S - T. O (B, Hq, T, D) in out_t; lse (B*Hq, T) = log sum_j exp(s_ij).
+// The strides: q*, k*, v*, o* (batch, head, row) of Q, K, V, O.
 extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
-        float* __restrict__ O, float* __restrict__ lse, int Hq, int G, int T, int S, int causal,
-        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+        out_t* __restrict__ O, float* __restrict__ lse, int Hq, int G, int T, int S, int causal,
+        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep,
+        long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
+        long long vb, long long vh, long long vt, long long ob, long long oh, long long ot) {
     if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
-    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-    long long kvh = (long long)b * (Hq / G) + h / G;
-    const elem* k = K + kvh * S * D;
-    const elem* v = V + kvh * S * D;
+    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, hk = h / G;
+    const elem* k = K + b * kb + hk * kh;
+    const elem* v = V + b * vb + hk * vh;
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int q0 = blockIdx.x * TILE, r = q0 + (threadIdx.x >> 5) * 16 + g, off = S - T;
     int kend = causal ? min(S, q0 + TILE + off) : S;
-    load_tile(k, 0, S, sK[0]);  // the first key tile; the loop stages each next one
-    load_tile(v, 0, S, sV[0]);
+    load_tile(k, 0, S, kt, sK[0]);  // the first key tile; the loop stages each next one
+    load_tile(v, 0, S, vt, sV[0]);
     commit();
     u32 qa[KD][4];
-    load_a(Q + (long long)bh * T * D, r, T, t, qa);
+    load_a(Q + b * qb + h * qh, r, T, qt, t, qa);
     float o[ND][4];
     #pragma unroll
     for (int nd = 0; nd < ND; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units), sum
     float sl = scale * LOG2E;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += TILE, buf ^= 1) {
-        kv_tiles_ready(k, v, k0, kend, S, sK, sV, buf);
+        kv_tiles_ready(k, v, k0, kend, S, kt, vt, sK, sV, buf);
         float s[NT][4];
         mm_tile(s, qa, sK[buf], lane);
         bool edge = k0 + TILE > S || (causal && k0 + TILE - 1 > q0 + off);  // a tile with masked keys
@@ -202,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
     }
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
-    store_rows(O + (long long)bh * T * D, o, r, T, t, 1.f / l0, 1.f / l1);
+    store_rows(O + b * ob + h * oh, o, r, T, ot, t, 1.f / l0, 1.f / l1);
     if (t == 0) {
         const float LN2 = 0.6931471805599453f;
         if (r < T) lse[(long long)bh * T + r] = (m0 + log2f(l0)) * LN2;
@@ -213,11 +233,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd(
 // dK, dV. grid (ceil(S / TILE), B * Hkv). For the G query heads of this kv head and every query
 // tile that sees these keys: S^T = K Q^T, P^T = exp(S^T scale - lse), dP^T = V dO^T,
 // dS^T = P^T (dP^T - Drow) scale; dV += P^T dO, dK += dS^T Q.
+// The strides: those of Q, K, V, dO, dK, dV (batch, head, row).
 extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
-        float* __restrict__ dK, float* __restrict__ dV, int Hq, int G, int T, int S, int causal,
-        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+        out_t* __restrict__ dK, out_t* __restrict__ dV, int Hq, int G, int T, int S, int causal,
+        float scale, unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep,
+        long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
+        long long vb, long long vh, long long vt, long long gb, long long gh, long long gt,
+        long long dkb, long long dkh, long long dkt, long long dvb, long long dvh, long long dvt) {
     if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sQ[2][TILE * LD];
     __shared__ __align__(16) elem sG[2][TILE * LD];
@@ -229,10 +253,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
     int nq = (T - qstart + TILE - 1) / TILE, steps = G * nq;  // (query head, query tile) pairs
     // stage step s into buffer buf: its q, dO tiles (cp.async) and its lse, Drow rows
     auto stage = [&](int s, int buf) {
-        long long bh = (long long)b * Hq + hk * G + s / nq;
+        int hq = hk * G + s / nq;
+        long long bh = (long long)b * Hq + hq;
         int q0 = qstart + (s % nq) * TILE;
-        load_tile(Q + bh * T * D, q0, T, sQ[buf]);
-        load_tile(dO + bh * T * D, q0, T, sG[buf]);
+        load_tile(Q + b * qb + hq * qh, q0, T, qt, sQ[buf]);
+        load_tile(dO + b * gb + hq * gh, q0, T, gt, sG[buf]);
         commit();
         for (int i = threadIdx.x; i < TILE; i += THREADS) {
             bool in = q0 + i < T;
@@ -242,8 +267,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
     };
     if (steps > 0) stage(0, 0);
     u32 ka[KD][4], va[KD][4];
-    load_a(K + (long long)bkv * S * D, r, S, t, ka);
-    load_a(V + (long long)bkv * S * D, r, S, t, va);
+    load_a(K + b * kb + hk * kh, r, S, kt, t, ka);
+    load_a(V + b * vb + hk * vh, r, S, vt, t, va);
     float dk[ND][4], dv[ND][4];
     #pragma unroll
     for (int nd = 0; nd < ND; ++nd)
@@ -284,33 +309,36 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_kv(
         mm_acc(dk, ds, sQ[buf], lane);
         __syncthreads();
     }
-    store_rows(dK + (long long)bkv * S * D, dk, r, S, t, 1.f, 1.f);
-    store_rows(dV + (long long)bkv * S * D, dv, r, S, t, 1.f, 1.f);
+    store_rows(dK + b * dkb + hk * dkh, dk, r, S, dkt, t, 1.f, 1.f);
+    store_rows(dV + b * dvb + hk * dvh, dv, r, S, dvt, t, 1.f, 1.f);
 }
 
 // dQ. grid (ceil(T / TILE), B * Hq). Over the key tiles this query tile sees: S = Q K^T,
 // P = exp(S scale - lse), dP = dO V^T, dS = P (dP - Drow) scale; dQ += dS K.
+// The strides: those of Q, K, V, dO, dQ (batch, head, row).
 extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
         const elem* __restrict__ Q, const elem* __restrict__ K, const elem* __restrict__ V,
         const elem* __restrict__ dO, const float* __restrict__ lse, const float* __restrict__ Drow,
-        float* __restrict__ dQ, int Hq, int G, int T, int S, int causal, float scale,
-        unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep) {
+        out_t* __restrict__ dQ, int Hq, int G, int T, int S, int causal, float scale,
+        unsigned long long seed, const unsigned long long* seed_ptr, u32 thr, float inv_keep,
+        long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
+        long long vb, long long vh, long long vt, long long gb, long long gh, long long gt,
+        long long dqb, long long dqh, long long dqt) {
     if (seed_ptr) seed = *seed_ptr;  // a captured step's seed slot (graph.py)
     __shared__ __align__(16) elem sK[2][TILE * LD];
     __shared__ __align__(16) elem sV[2][TILE * LD];
-    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-    long long kvh = (long long)b * (Hq / G) + h / G;
-    const elem* k = K + kvh * S * D;
-    const elem* v = V + kvh * S * D;
+    int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, hk = h / G;
+    const elem* k = K + b * kb + hk * kh;
+    const elem* v = V + b * vb + hk * vh;
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int q0 = blockIdx.x * TILE, r = q0 + (threadIdx.x >> 5) * 16 + g, off = S - T;
     int kend = causal ? min(S, q0 + TILE + off) : S;
-    load_tile(k, 0, S, sK[0]);  // the first key tile; the loop stages each next one
-    load_tile(v, 0, S, sV[0]);
+    load_tile(k, 0, S, kt, sK[0]);  // the first key tile; the loop stages each next one
+    load_tile(v, 0, S, vt, sV[0]);
     commit();
     u32 qa[KD][4], ga[KD][4];
-    load_a(Q + (long long)bh * T * D, r, T, t, qa);
-    load_a(dO + (long long)bh * T * D, r, T, t, ga);
+    load_a(Q + b * qb + h * qh, r, T, qt, t, qa);
+    load_a(dO + b * gb + h * gh, r, T, gt, t, ga);
     float sl = scale * LOG2E;
     float L0 = r < T ? lse[(long long)bh * T + r] * LOG2E : 0.f;
     float L1 = r + 8 < T ? lse[(long long)bh * T + r + 8] * LOG2E : 0.f;
@@ -320,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
     #pragma unroll
     for (int nd = 0; nd < ND; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += TILE, buf ^= 1) {
-        kv_tiles_ready(k, v, k0, kend, S, sK, sV, buf);
+        kv_tiles_ready(k, v, k0, kend, S, kt, vt, sK, sV, buf);
         float p[NT][4], ds[NT][4];
         mm_tile(p, qa, sK[buf], lane);
         mm_tile(ds, ga, sV[buf], lane);
@@ -340,5 +368,5 @@ extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_q(
         mm_acc(dq, ds, sK[buf], lane);
         __syncthreads();
     }
-    store_rows(dQ + (long long)bh * T * D, dq, r, T, t, 1.f, 1.f);
+    store_rows(dQ + b * dqb + h * dqh, dq, r, T, dqt, t, 1.f, 1.f);
 }

@@ -229,7 +229,7 @@ def dropout_keep(shape, dropout_p, seed):
     """A dropout keep mask on the GPU in one pass: ops.dropout.hash_keep of each element's
     index (C order) and the seed."""
     keep = _cp().empty(shape, dtype=bool)
-    _launch_1d(_kernel("dropout_keep_mask", "elementwise.cu"), keep.size, keep, np.int64(keep.size),
+    _launch_1d(_kernel("dropout_keep_mask", "elementwise.cu", EW_T=np.float32), keep.size, keep, np.int64(keep.size),
                *_dropout_args(dropout_p, seed)[:3])  # no scale: the mask alone
     return keep
 
@@ -240,16 +240,19 @@ def dropout_apply(x, dropout_p, seed):
     cp = _cp()
     x = cp.ascontiguousarray(x)
     y = cp.empty_like(x)
-    _launch_1d(_kernel("dropout_apply", "elementwise.cu"), x.size, x, y, np.int64(x.size),
+    _launch_1d(_kernel("dropout_apply", "elementwise.cu", EW_T=np.float32), x.size, x, y, np.int64(x.size),
                *_dropout_args(dropout_p, seed))
     return y
 
 
-def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
-    """y (B, Hq, T, D) float32 and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D).
-    With dropout_p > 0 the probabilities are dropped by attention_dropout_keep(seed, ...)."""
+def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0, out_dtype=np.float32,
+                      out_layout=None):
+    """y (B, Hq, T, D) and lse (B*Hq, T) for q (B, Hq, T, D), k, v (B, Hkv, S, D).
+    With dropout_p > 0 the probabilities are dropped by attention_dropout_keep(seed, ...).
+    The flash kernels write y in out_dtype, its axes in memory in the order of the strides
+    out_layout (see flash_attention_forward); the blockwise path writes float32, C order."""
     if flash_supported(q, k):
-        return flash_attention_forward(q, k, v, causal, scale, dropout_p, seed)
+        return flash_attention_forward(q, k, v, causal, scale, dropout_p, seed, out_dtype, out_layout)
     cp = _cp()
     B, Hq, T, D = q.shape
     S, G = k.shape[2], Hq // k.shape[1]
@@ -259,7 +262,7 @@ def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
     vf = cp.ascontiguousarray(_expand_kv(v, G)).reshape(BH, S, D)
     y = cp.empty((BH, T, D), np.float32)
     lse = cp.empty((BH, T), np.float32)
-    fwd = _kernel("attn_softmax_fwd", "attention.cu", OUT_T=q.dtype)
+    fwd = _kernel("attn_softmax_fwd", "attention.cu", OUT_T=q.dtype, IN_T=np.float32, Y_T=np.float32)
     for q0, n, L in _attention_blocks(BH, T, S, causal):
         s = gemm(qf[:, q0:q0 + n], kf[:, :L], trans_b=True)
         p = cp.empty((BH, n, L), q.dtype)
@@ -270,11 +273,14 @@ def attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
     return y.reshape(B, Hq, T, D), lse
 
 
-def attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
-    """dq, dk, dv (float32) from the saved q, k, v (any of the three dtypes), y, lse; the same
-    dropout_p and seed as the forward."""
+def attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0,
+                       out_dtype=np.float32, layouts=None):
+    """dq, dk, dv from the saved q, k, v (any of the three dtypes), y, lse; the same dropout_p
+    and seed as the forward. The flash kernels write them in out_dtype, in the memory orders of
+    the strides `layouts` (see flash_attention_backward); the blockwise path in float32."""
     if flash_supported(q, k):
-        return flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p, seed)
+        return flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p, seed,
+                                        out_dtype, layouts)
     cp = _cp()
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -289,7 +295,7 @@ def attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0)
     dq = cp.empty((BH, T, D), np.float32)
     dk = cp.zeros((BH, S, D), np.float32)
     dv = cp.zeros((BH, S, D), np.float32)
-    bwd = _kernel("attn_softmax_bwd", "attention.cu", OUT_T=q.dtype)
+    bwd = _kernel("attn_softmax_bwd", "attention.cu", OUT_T=q.dtype, IN_T=np.float32, Y_T=np.float32)
     for q0, n, L in _attention_blocks(BH, T, S, causal):
         qb, gb = qf[:, q0:q0 + n], gl[:, q0:q0 + n]
         s = gemm(qb, kf[:, :L], trans_b=True)
@@ -344,12 +350,13 @@ def flash_supported(q, k):
             and q.dtype.name in _FLASH_TYPES and q.shape[-1] % 16 == 0 and q.shape[-1] <= 64)
 
 
-def _flash(name, dtype, D):
-    key = ("flash", name, dtype.name, D)
+def _flash(name, dtype, D, out_dtype):
+    key = ("flash", name, dtype.name, D, np.dtype(out_dtype).name)
     if key not in _cache:
         ctype, mma_t, pack = _FLASH_TYPES[dtype.name]
         code = (_source("flash.cu").replace("ELEM", ctype).replace("HEAD_DIM", str(D))
-                .replace("MMA_T", mma_t).replace("PACK2_BODY", pack))
+                .replace("MMA_T", mma_t).replace("PACK2_BODY", pack)
+                .replace("OUT_T", _ctype(out_dtype)))
         _cache[key] = _cp().RawKernel(code, name, options=("-std=c++17",))
     return _cache[key]
 
@@ -360,61 +367,90 @@ def _aligned(a):
     return a if a.data.ptr % 16 == 0 else a.copy()
 
 
+def _flash_operand(a):
+    """a (B, H, T, D) as the flash kernels read it: through its strides when its last axis is
+    contiguous and its rows start on 16 bytes (cp.async copies 16 bytes at a time), as the
+    model's q, k, v views of (B, T, H*D) products do; else a contiguous, aligned copy."""
+    its = a.itemsize
+    if a.strides[3] == its and all(st % 16 == 0 for st in a.strides[:3]) and a.data.ptr % 16 == 0:
+        return a
+    return _aligned(a)
+
+
+def _strides(a):
+    """The batch, head and row strides of a (B, H, T, D) array, in elements."""
+    return tuple(np.int64(st // a.itemsize) for st in a.strides[:3])
+
+
 def _flash_args(q, k):
     B, Hq, T, D = q.shape
     return (np.int32(Hq), np.int32(Hq // k.shape[1]), np.int32(T), np.int32(k.shape[2]))
 
 
-def flash_attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0):
-    """y (B, Hq, T, D) float32 and lse (B*Hq, T) on tensor cores; q, k, v bfloat16 or float16."""
+def _empty(shape, dtype, layout):
+    return _cp().empty(shape, dtype) if layout is None else empty_in_layout(shape, layout, dtype)
+
+
+def flash_attention_forward(q, k, v, causal, scale, dropout_p=0.0, seed=0, out_dtype=np.float32,
+                            out_layout=None):
+    """y (B, Hq, T, D) in out_dtype and lse (B*Hq, T) on tensor cores; q, k, v bfloat16 or
+    float16, read through their strides. y's axes lie in memory in the order of the strides
+    out_layout (C order when None): given q's, y of the model's (B, T, H, D)-ordered q is in
+    that order too, and the transpose and reshape after attention are views."""
     cp = _cp()
-    q, k, v = (_aligned(a) for a in (q, k, v))
+    q, k, v = (_flash_operand(a) for a in (q, k, v))
     B, Hq, T, D = q.shape
-    y = cp.empty((B, Hq, T, D), np.float32)
+    y = _empty(q.shape, out_dtype, out_layout)
     lse = cp.empty((B * Hq, T), np.float32)
-    _flash("flash_fwd", q.dtype, D)(
+    _flash("flash_fwd", q.dtype, D, y.dtype)(
         ((T + 63) // 64, B * Hq), (128,),
         (q, k, v, y, lse, *_flash_args(q, k), np.int32(causal), np.float32(scale),
-         *_dropout_args(dropout_p, seed)))
+         *_dropout_args(dropout_p, seed), *_strides(q), *_strides(k), *_strides(v), *_strides(y)))
     return y, lse
 
 
 def _attention_bwd_prep(g, y, low):
-    """drow = rowsum(g * y) (B*H*T,) float32 and g in `low`, contiguous and 16-byte aligned,
-    for g (B, H, T, D) and y (the forward's output, contiguous float32): one kernel when g is
-    float32 with a contiguous last axis, else the same in CuPy's steps."""
+    """drow = rowsum(g * y) (B, H, T) float32 for g and y (B, H, T, D), and g as the flash
+    kernels read it in `low`: g itself when it already is in `low` and readable through its
+    strides, else a contiguous copy. One kernel, reading g and y through their strides, when
+    both have a contiguous last axis; else the same in CuPy's steps."""
     cp = _cp()
     B, H, T, D = g.shape
-    its = g.itemsize
-    if (g.dtype == np.float32 and y.dtype == np.float32 and y.flags.c_contiguous
-            and g.strides[3] == its and all(s % its == 0 for s in g.strides)):
-        gl = cp.empty(g.shape, low)
+    if (g.strides[3] == g.itemsize and y.strides[3] == y.itemsize
+            and all(st % g.itemsize == 0 for st in g.strides) and all(st % y.itemsize == 0 for st in y.strides)
+            and g.dtype.name in _CTYPE and y.dtype.name in _CTYPE):
+        keep = g.dtype == low and _flash_operand(g) is g
+        gl = g if keep else cp.empty(g.shape, low)
         drow = cp.empty((B, H, T), np.float32)
         rows = B * H * T
-        kernel = _kernel("attn_bwd_prep", "attention.cu", OUT_T=low)
+        kernel = _kernel("attn_bwd_prep", "attention.cu", IN_T=g.dtype, Y_T=y.dtype, OUT_T=low)
         kernel((int(min((rows + 7) // 8, 65535 * 8)),), (256,),
-               (g, y, gl, drow, np.int64(rows), np.int32(H), np.int32(T), np.int32(D),
-                *(np.int64(s // its) for s in g.strides[:3])))
+               (g, y, np.uint64(0) if keep else gl, drow, np.int64(rows), np.int32(H), np.int32(T),
+                np.int32(D), *_strides(g), *_strides(y)))
         return drow, gl
-    drow = (g.astype(np.float32, copy=False) * y).sum(axis=-1)
+    drow = (g.astype(np.float32) * y.astype(np.float32)).sum(axis=-1)
     return drow, _aligned(g.astype(low))
 
 
-def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0):
-    """dq, dk, dv (float32) for the saved q, k, v (bfloat16 or float16), y and lse."""
-    cp = _cp()
-    q, k, v = (_aligned(a) for a in (q, k, v))
+def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, seed=0,
+                             out_dtype=np.float32, layouts=None):
+    """dq, dk, dv in out_dtype for the saved q, k, v (bfloat16 or float16), y and lse, each in
+    the memory order of the strides in `layouts` (q's, k's, v's as the forward got them: the
+    transposes and reshapes before attention then pass the gradients on as views)."""
+    q, k, v = (_flash_operand(a) for a in (q, k, v))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     drow, gl = _attention_bwd_prep(g.reshape(B, Hq, T, D), y, q.dtype)
-    dq = cp.empty((B, Hq, T, D), np.float32)
-    dk = cp.empty((B, Hkv, S, D), np.float32)
-    dv = cp.empty((B, Hkv, S, D), np.float32)
+    lq, lk, lv = layouts or (None, None, None)
+    dq, dk, dv = _empty(q.shape, out_dtype, lq), _empty(k.shape, out_dtype, lk), _empty(v.shape, out_dtype, lv)
     args = _flash_args(q, k) + (np.int32(causal), np.float32(scale)) + _dropout_args(dropout_p, seed)
-    _flash("flash_bwd_kv", q.dtype, D)(((S + 63) // 64, B * Hkv), (128,),
-                                        (q, k, v, gl, lse, drow, dk, dv, *args))
-    _flash("flash_bwd_q", q.dtype, D)(((T + 63) // 64, B * Hq), (128,),
-                                       (q, k, v, gl, lse, drow, dq, *args))
+    operands = _strides(q) + _strides(k) + _strides(v) + _strides(gl)
+    _flash("flash_bwd_kv", q.dtype, D, out_dtype)(((S + 63) // 64, B * Hkv), (128,),
+                                                   (q, k, v, gl, lse, drow, dk, dv, *args, *operands,
+                                                    *_strides(dk), *_strides(dv)))
+    _flash("flash_bwd_q", q.dtype, D, out_dtype)(((T + 63) // 64, B * Hq), (128,),
+                                                  (q, k, v, gl, lse, drow, dq, *args, *operands,
+                                                   *_strides(dq)))
     return dq, dk, dv
 
 
@@ -490,38 +526,44 @@ def norm_backward(g, x, w, mean, rstd, center, want_w, want_b):
 # ---- elementwise: SwiGLU --------------------------------------------------------------------
 
 def swiglu_forward(a, b):
+    """silu(a) b for a, b of one shape and dtype (float32, bfloat16 or float16), in that dtype."""
     cp = _cp()
     a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
     y = cp.empty_like(a)
-    _launch_1d(_kernel("swiglu_fwd", "elementwise.cu"), a.size, a, b, y, np.int64(a.size))
+    _launch_1d(_kernel("swiglu_fwd", "elementwise.cu", EW_T=a.dtype), a.size, a, b, y, np.int64(a.size))
     return y
 
 
 def swiglu_backward(g, a, b):
+    """da, db in a's dtype; g, a, b of one shape and dtype."""
     cp = _cp()
     g, a, b = (cp.ascontiguousarray(x) for x in (g, a, b))
     ga, gb = cp.empty_like(a), cp.empty_like(b)
-    _launch_1d(_kernel("swiglu_bwd", "elementwise.cu"), a.size, g, a, b, ga, gb, np.int64(a.size))
+    _launch_1d(_kernel("swiglu_bwd", "elementwise.cu", EW_T=a.dtype), a.size, g, a, b, ga, gb,
+               np.int64(a.size))
     return ga, gb
 
 
 # ---- elementwise: GELU (tanh form) ------------------------------------------------------------
 
 def gelu_tanh_forward(x):
+    """GELU (tanh form) of x in x's dtype (float32, bfloat16 or float16)."""
     cp = _cp()
     x = cp.ascontiguousarray(x)
     y = cp.empty_like(x)
-    _launch_1d(_kernel("gelu_tanh_fwd", "gelu.cu", GELU_X_T=np.float32), x.size, x, y, np.int64(x.size))
+    _launch_1d(_kernel("gelu_tanh_fwd", "gelu.cu", GELU_T=x.dtype, GRAD_T=x.dtype, GELU_X_T=x.dtype),
+               x.size, x, y, np.int64(x.size))
     return y
 
 
 def gelu_tanh_backward(g, x):
-    """The float32 gradient; x float32, or the bfloat16/float16 copy a low-precision mode kept."""
+    """The gradient in g's dtype; x in g's dtype, or the bfloat16/float16 copy a low-precision
+    mode kept of a float32 input."""
     cp = _cp()
     g, x = cp.ascontiguousarray(g), cp.ascontiguousarray(x)
-    gx = cp.empty(x.shape, np.float32)
-    _launch_1d(_kernel("gelu_tanh_bwd", "gelu.cu", GELU_X_T=x.dtype), x.size, g, x, gx,
-               np.int64(x.size))
+    gx = cp.empty(x.shape, g.dtype)
+    _launch_1d(_kernel("gelu_tanh_bwd", "gelu.cu", GELU_T=g.dtype, GRAD_T=g.dtype, GELU_X_T=x.dtype),
+               x.size, g, x, gx, np.int64(x.size))
     return gx
 
 
@@ -627,8 +669,8 @@ def rope_rotate(x, cos, sin, sign, interleaved, out_layout=None):
         x, out_layout = x.reshape(-1, 1, *x.shape[-2:]), None  # (rows of T positions, 1, T, D)
     A, H, T, D = x.shape
     y = cp.empty(x.shape, x.dtype) if out_layout is None else empty_in_layout(x.shape, out_layout, x.dtype)
-    cos = cp.ascontiguousarray(cos, dtype=x.dtype)
-    sin = cp.ascontiguousarray(sin, dtype=x.dtype)
+    cos = cp.ascontiguousarray(cos, dtype=np.float32)
+    sin = cp.ascontiguousarray(sin, dtype=np.float32)
     rows = x.size // D
     per_block = max(1, 256 // (D // 2))
     grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)

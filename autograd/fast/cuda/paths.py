@@ -1,8 +1,12 @@
 """CUDA fast paths: each class is a reference op of autograd/ops/ (its base class) computed
 by the kernels of kernels.py, registered for float32 CuPy inputs. Attention also runs its
 bfloat16/float16 products this way under a low-precision mode (amp), on tensor cores.
+Attention, RoPE, GELU and SwiGLU also take bfloat16/float16 inputs, which the model hands
+them under a low-precision mode (amp.activation_dtype), and answer in that dtype.
 tests/test_fast.py holds each to its reference (run on a GPU by scripts/gpu-check.sh).
 """
+
+import numpy as np
 
 
 from autograd import amp, fast
@@ -16,23 +20,38 @@ from autograd.ops.norm import LayerNorm, RMSNorm
 from autograd.ops.rope import Rotate
 
 
-@fast.register("cuda", "float32")
+def _low(*arrays):
+    """The 16-bit dtype all the arrays share, or None."""
+    dtypes = {a.dtype for a in arrays}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)).itemsize == 2 else None
+
+
+@fast.register("cuda", "float32", "bfloat16", "float16")
 class AttentionCUDA(FastPath, Attention):
     """P is never stored whole: the forward keeps y and the log-sum-exp of each row, the
     backward recomputes P from them (FlashAttention's scheme). Dropout's mask is a hash of
     (seed, element), recomputed too; the seed comes from the CPU generator (no device sync,
-    and a checkpoint's generator state fixes it), through a slot in a captured step."""
+    and a checkpoint's generator state fixes it), through a slot in a captured step.
+
+    q, k, v that arrive in bfloat16/float16 give y, dq, dk, dv in that dtype, float32 ones give
+    float32. The flash kernels read q, k, v through their strides and write y in q's memory
+    order and each gradient in its input's: for the model's (B, T, H, D)-ordered heads, the
+    transposes and reshapes around attention are views both ways."""
 
     def forward(self, q, k, v):
         self.seed = graph.draw_seed() if self.dropout_p > 0 else 0
+        self.out_dtype = _low(q, k, v) or np.dtype(np.float32)
+        self.layouts = q.strides, k.strides, v.strides
         self.q, self.k, self.v = amp.low(q), amp.low(k), amp.low(v)
         self.y, self.lse = kernels.attention_forward(self.q, self.k, self.v, self.causal, self.scale,
-                                                     self.dropout_p, self.seed)
+                                                     self.dropout_p, self.seed, self.out_dtype,
+                                                     out_layout=q.strides)
         return self.y
 
     def backward(self, g):
         return kernels.attention_backward(self.q, self.k, self.v, self.y, self.lse, g,
-                                          self.causal, self.scale, self.dropout_p, self.seed)
+                                          self.causal, self.scale, self.dropout_p, self.seed,
+                                          self.out_dtype, self.layouts)
 
 
 def _ce_rows(z, t):
@@ -86,11 +105,13 @@ class RMSNormCUDA(FastPath, RMSNorm):
         return gx, gw
 
 
-@fast.register("cuda", "float32")
+@fast.register("cuda", "float32", "bfloat16", "float16")
 class SwiGLUCUDA(FastPath, SwiGLU):
+    """One pass each way, in the inputs' dtype (float32 arithmetic)."""
+
     @classmethod
     def supports(cls, a, b):
-        return a.shape == b.shape  # the kernels do not broadcast
+        return a.shape == b.shape and a.dtype == b.dtype  # the kernels do not broadcast
 
     def forward(self, a, b):
         self.a, self.b = a, b
@@ -100,13 +121,13 @@ class SwiGLUCUDA(FastPath, SwiGLU):
         return kernels.swiglu_backward(g, self.a, self.b)
 
 
-@fast.register("cuda", "float32")
+@fast.register("cuda", "float32", "bfloat16", "float16")
 class GeluTanhCUDA(FastPath, GeluTanh):
-    """One pass each way; keeps only x (the backward recomputes tanh, cheaper than storing it).
-    Under a low-precision mode x is kept in bfloat16/float16 (amp.low), as the matrix
-    products keep their inputs: half the memory of GPT-2's largest activation, for a
-    derivative off by the input's rounding (as in PyTorch's autocast, where GELU runs on the
-    low-precision output of the product before it)."""
+    """One pass each way, in x's dtype; keeps only x (the backward recomputes tanh, cheaper
+    than storing it). Under a low-precision mode a float32 x is kept in bfloat16/float16
+    (amp.low), as the matrix products keep their inputs: half the memory of GPT-2's largest
+    activation, for a derivative off by the input's rounding (as in PyTorch's autocast, where
+    GELU runs on the low-precision output of the product before it)."""
 
     def forward(self, x):
         self.x = amp.low(x)
@@ -116,15 +137,22 @@ class GeluTanhCUDA(FastPath, GeluTanh):
         return kernels.gelu_tanh_backward(g, self.x)
 
 
-@fast.register("cuda", "float32")
+@fast.register("cuda", "float32", "bfloat16", "float16")
 class RotateCUDA(FastPath, Rotate):
-    """One pass each way, reading a strided input in place; the gradient is written in the
-    forward input's memory layout (for the model's q and k, the (B, T, H, D) order of the
-    product they came from), so the transpose and reshape behind RoPE pass it on as views."""
+    """One pass each way in x's dtype (float32 tables and arithmetic), reading a strided input
+    in place and writing the result, and the gradient, in the forward input's memory layout:
+    for the model's q and k, the (B, T, H, D) order of the product they came from, which
+    attention reads as it is, and the transpose and reshape behind RoPE pass the gradient on as
+    views."""
+
+    @classmethod
+    def supports(cls, x, cos=None, sin=None):
+        return cos is None or cos.dtype == np.float32 or cos.dtype == x.dtype
 
     def forward(self, x):
         self.layout = x.strides if x.ndim == 4 else None  # strides only: x itself is not kept
-        return kernels.rope_rotate(x, self.cos, self.sin, +1, self.style == "interleaved")
+        return kernels.rope_rotate(x, self.cos, self.sin, +1, self.style == "interleaved",
+                                   out_layout=self.layout)
 
     def backward(self, g):
         return kernels.rope_rotate(g, self.cos, self.sin, -1, self.style == "interleaved",
