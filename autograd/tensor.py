@@ -27,7 +27,7 @@ import weakref
 
 import numpy as np
 
-from autograd import backend
+from autograd import backend, fast
 
 
 class _GradMode(threading.local):
@@ -385,7 +385,7 @@ class Tensor:
 
     def _accumulate(self, g):
         # A fresh array: the same gradient array may be routed to several inputs.
-        self.grad = g.copy() if self.grad is None else self.grad + g
+        self.grad = g.copy() if self.grad is None else fast.add(self.grad, g)
 
     # ---- operators (the ops module does the work) ------------------------------------------
     def __add__(self, other):
@@ -581,7 +581,7 @@ def _walk(ctx, grad, retain_graph):
                 continue
             key = id(x._ctx)
             if key in pending:
-                pending[key] = pending[key] + g
+                pending[key] = fast.add(pending[key], g)  # a fresh array: g may be routed elsewhere too
             else:
                 pending[key] = g
                 heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))

@@ -35,6 +35,7 @@ from autograd.fast import FastPath
 from autograd.ops.activations import GeluTanh, SwiGLU
 from autograd.ops.attention import Attention
 from autograd.ops.dropout import Dropout
+from autograd.ops.elementwise import Add
 from autograd.ops.embedding import Embedding
 from autograd.ops.losses import CrossEntropy, LinearCrossEntropy
 from autograd.ops.norm import LayerNorm, RMSNorm
@@ -131,6 +132,11 @@ def case_swiglu(data, on):
     return (), [a, b], None
 
 
+def case_add(data, on):
+    shape = _rows(data)
+    return (), [_f32(data, shape), _f32(data, shape)], None
+
+
 def case_gelu(data, on):
     return (), [_f32(data, _rows(data), -4, 4)], None
 
@@ -195,6 +201,7 @@ def case_dropout(data, on):
 
 
 FAST_CASES = {  # reference -> its case and the paths it covers (filled from the registry below)
+    Add: {"case": case_add},
     SwiGLU: {"case": case_swiglu},
     GeluTanh: {"case": case_gelu, "low": True},
     LayerNorm: {"case": lambda d, on: case_norm(d, on, True)},

@@ -622,3 +622,25 @@ def test_low_precision_activations_train_like_float32_ones(monkeypatch, flavour,
     for g, w in zip(grads, grads32):
         assert g.dtype == np.float32
         assert np.abs(g - w).max() <= 5e-2 * np.abs(w).max() + 1e-6
+
+
+def test_add_kernel_is_cupy_add_bit_for_bit(monkeypatch):
+    """kernels.add (8 elements a thread, then the tail) equals CuPy's a + b, for every tail
+    length and for views that do not start on 16 bytes; fast.add routes only float32 arrays of
+    one shape in C order to it."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 8, 9, 1003, 4101):
+        a, b = cp.asarray(rand(rng, n)), cp.asarray(rand(rng, n))
+        assert np.array_equal(kernels.add(a, b).get(), (a + b).get()), n
+    a, b = cp.asarray(rand(rng, 1001))[1:], cp.asarray(rand(rng, 1002))[2:]
+    assert a.data.ptr % 16 and np.array_equal(kernels.add(a, b).get(), (a + b).get())
+    calls = []
+    real = kernels.add
+    monkeypatch.setattr(kernels, "add", lambda a, b: calls.append(a.shape) or real(a, b))
+    x = cp.asarray(rand(rng, 3, 5))
+    fast.add(x, x)
+    fast.add(x, x[:1])  # broadcast: CuPy's +
+    fast.add(x.T, x.T)  # not C order: CuPy's +
+    fast.add(x.astype(np.float64), x.astype(np.float64))
+    assert calls == [(3, 5)]

@@ -80,6 +80,19 @@ def astype(a, dtype):
     return a.astype(dtype)
 
 
+def add(a, b):
+    """a + b. Two float32 CuPy arrays of one shape in C order (the engine's sums of gradient
+    pieces, the residual stream's sums) go through one vectorized CUDA pass (cuda/
+    elementwise.cu), unless the fast paths are off; anything else through the backend's +."""
+    if (enabled() and backend.is_cupy_array(a) and backend.is_cupy_array(b) and a.shape == b.shape
+            and a.dtype == np.float32 and b.dtype == np.float32
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        from autograd.fast.cuda import kernels
+
+        return kernels.add(a, b)
+    return a + b
+
+
 def capturing():
     """Whether a CUDA graph is being captured (fast/cuda/graph.py): the ops then skip their
     checks that read device data on the host, which a captured step cannot do."""
