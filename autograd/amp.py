@@ -8,6 +8,9 @@ Precision modes (`set_precision`, or `with autocast(mode):`):
   attention) cast their float32 operands to the low dtype, multiply with float32 accumulation,
   and hand back float32. Weights stay float32 ("master weights"), and so do optimizer state,
   softmax, norms and the loss. float16 has a narrow range: pair it with `GradScaler`.
+  On the GPU a caller may ask a product for its result in the low dtype instead, where only
+  kernels that read that dtype come next (`activation_dtype`: the model's q, k, v and MLP
+  activations), as PyTorch's autocast hands results on.
 
 The mode is per thread: an autocast block in one thread leaves the others' products alone.
 `count_casts()` / `cast_counts()` count the operands' values that overflow or underflow when
