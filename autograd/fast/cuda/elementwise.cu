@@ -5,6 +5,10 @@
 // References: autograd/ops/activations.py (SwiGLU), autograd/ops/dropout.py (hash_keep),
 // autograd/ops/elementwise.py (Add).
 
+#define GRID_STRIDE(i, start, end) \
+    for (long long i = (start) + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (end); \
+         i += (long long)gridDim.x * blockDim.x)
+
 // y = silu(a) b = a s(a) b
 __device__ __forceinline__ float swiglu(float a, float b) {
     float s = 1.f / (1.f + expf(-a));

@@ -5,6 +5,10 @@
 // low-precision copy a low-precision mode keeps of a float32 input) and writes the gradient in
 // GRAD_T. Reference: autograd/ops/activations.py (GeluTanh).
 
+#define GRID_STRIDE(i, start, end) \
+    for (long long i = (start) + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (end); \
+         i += (long long)gridDim.x * blockDim.x)
+
 // gelu(x) = x/2 (1 + t), t = tanh(k (x + 0.044715 x^3)), k = sqrt(2/pi)
 #define GELU_K 0.7978845608028654f
 

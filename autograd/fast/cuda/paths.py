@@ -8,6 +8,7 @@ tests/test_fast.py holds each to its reference (run on a GPU by scripts/gpu-chec
 
 import numpy as np
 
+
 from autograd import amp, fast
 from autograd.fast import FastPath
 from autograd.fast.cuda import graph, kernels
@@ -157,6 +158,10 @@ class RotateCUDA(FastPath, Rotate):
     for the model's q and k, the (B, T, H, D) order of the product they came from, which
     attention reads as it is, and the transpose and reshape behind RoPE pass the gradient on as
     views."""
+
+    @classmethod
+    def supports(cls, x, cos=None, sin=None):
+        return cos is None or cos.dtype == np.float32 or cos.dtype == x.dtype
 
     def forward(self, x):
         self.layout = x.strides if x.ndim == 4 else None  # strides only: x itself is not kept

@@ -12,11 +12,6 @@ __device__ __forceinline__ void put(float* p, float x) { *p = x; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 __device__ __forceinline__ void put(__half* p, float x) { *p = __float2half(x); }
 
-// A grid-stride loop of i over [start, end).
-#define GRID_STRIDE(i, start, end) \
-    for (long long i = (start) + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (end); \
-         i += (long long)gridDim.x * blockDim.x)
-
 // 8 consecutive elements (16-byte aligned) as floats, and back: two float4 for float, one
 // 16-byte word for the 16-bit types (rounding to nearest even, as put does).
 __device__ __forceinline__ void load8(const float* p, float* v) {
