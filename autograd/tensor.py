@@ -92,6 +92,17 @@ class Function:
     """
 
     needs_grad = ()
+    # Two promises a Function may make, so that the walk skips passes over gradient arrays:
+    # fresh_grads: every gradient backward returns is a new array that nothing else holds (a
+    #   leaf takes it as its .grad without a copy; a sum may be accumulated into it).
+    # takes_addends: backward can add an input's pending gradient (the sum so far of what the
+    #   input's other consumers handed back) into its own. The walk sets `addends`, one array
+    #   or None per input, and `owned`, whether the Function may write into that array, before
+    #   backward; the gradient returned for input i includes addends[i] unless backward set
+    #   addends[i] to None (declined: the walk adds the two as usual).
+    fresh_grads = False
+    takes_addends = False
+    addends = owned = None
 
     def forward(self, *xs):
         raise NotImplementedError
@@ -358,9 +369,9 @@ class Tensor:
         if self._ctx is None:
             self._accumulate(grad)
             return
-        for x, g in _walk(self._ctx, grad, retain_graph):
+        for x, g, fresh in _walk(self._ctx, grad, retain_graph):
             if x._ctx is None:  # a leaf: keep the gradient
-                x._accumulate(g)
+                x._accumulate(g, fresh)
                 continue
             t = x.tensor()
             if t is not None and t._retain:
@@ -383,9 +394,13 @@ class Tensor:
             raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
         return grad.astype(self.dtype, copy=False)
 
-    def _accumulate(self, g):
-        # A fresh array: the same gradient array may be routed to several inputs.
-        self.grad = g.copy() if self.grad is None else fast.add(self.grad, g)
+    def _accumulate(self, g, fresh=False):
+        # A copy unless g is fresh (Function.fresh_grads): the same gradient array may be
+        # routed to several inputs, and .grad is changed in place (clipping).
+        if self.grad is None:
+            self.grad = g if fresh else g.copy()
+        else:
+            self.grad = fast.add(self.grad, g)
 
     # ---- operators (the ops module does the work) ------------------------------------------
     def __add__(self, other):
@@ -546,7 +561,25 @@ class Tensor:
         return ops.split(self, sizes, axis)
 
 
-def _walk(ctx, grad, retain_graph):
+def _addends(fn, pending, owned, watched):
+    """What `fn` may add into its gradients: for each input, the sum so far of the gradient
+    pieces of a non-leaf that no caller watches (not retained, not asked for by grad()), else
+    None, and whether that array is the walk's own (fn may write into it); (None, None) when
+    there is none. An input given twice gets it once."""
+    out, mine, seen = [], [], set()
+    for x in fn.inputs:
+        a = None
+        if x is not None and x._ctx is not None and id(x._ctx) not in seen | watched:
+            seen.add(id(x._ctx))
+            t = x.tensor()
+            if t is None or not t._retain:
+                a = pending.get(id(x._ctx))
+        out.append(a)
+        mine.append(a is not None and id(x._ctx) in owned)
+    return (out, mine) if any(a is not None for a in out) else (None, None)
+
+
+def _walk(ctx, grad, retain_graph, watched=frozenset()):
     """The backward walk from the Function `ctx` whose output has gradient `grad`.
 
     Yields (x, g) for every gradient g a Function hands to one of its inputs x: a leaf
@@ -554,9 +587,17 @@ def _walk(ctx, grad, retain_graph):
     caller sums them). The pieces reaching a non-leaf's creator are summed here and passed
     on. Every consumer of a tensor runs before its creator (the heap pops the deepest
     generation first), so a creator sees its output's whole gradient.
+
+    Each yield is (x, g, fresh): fresh when g is a new array nothing else holds
+    (Function.fresh_grads), which a leaf may keep as it is. A Function that takes addends
+    (Function.takes_addends) adds the sum so far into its own gradient of a non-leaf; that
+    total replaces the sum and is not yielded. So it never is for a non-leaf a caller reads:
+    a retained one, or one whose creator is in `watched`. A sum the walk made, or a fresh
+    gradient, is the walk's own: a Function that takes it may accumulate into it in place.
     """
     order = itertools.count()  # tie-break so the heap never compares Functions
     pending = {id(ctx): grad}  # Function -> gradient of its output
+    owned = set()  # Functions whose pending gradient no one else holds
     heap = [(-ctx.generation, next(order), ctx)]
     while heap:
         _, _, fn = heapq.heappop(heap)
@@ -567,23 +608,35 @@ def _walk(ctx, grad, retain_graph):
             )
         _check_versions(fn)
         g_out = pending.pop(id(fn))
+        owned.discard(id(fn))
+        if fn.takes_addends:
+            fn.addends, fn.owned = _addends(fn, pending, owned, watched)
         input_grads = fn.backward(g_out)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
-        for x, g in zip(fn.inputs, input_grads):
+        addends = fn.addends
+        for i, (x, g) in enumerate(zip(fn.inputs, input_grads)):
             if x is None or g is None:
                 continue
+            fresh = fn.fresh_grads
             g = backend.sum_to(g, x.shape)
             if g.dtype != x.dtype:
-                g = g.astype(x.dtype)
-            yield x, g
+                g, fresh = g.astype(x.dtype), True
+            if addends is not None and addends[i] is not None:
+                pending[id(x._ctx)] = g  # the whole gradient so far: the sum is in it
+                (owned.add if fresh else owned.discard)(id(x._ctx))
+                continue
+            yield x, g, fresh
             if x._ctx is None:
                 continue
             key = id(x._ctx)
             if key in pending:
                 pending[key] = fast.add(pending[key], g)  # a fresh array: g may be routed elsewhere too
+                owned.add(key)
             else:
                 pending[key] = g
+                if fresh:
+                    owned.add(key)
                 heapq.heappush(heap, (-x._ctx.generation, next(order), x._ctx))
         if not retain_graph:
             generation = fn.generation  # kept, so a later walk reaches the clear error above
@@ -621,7 +674,7 @@ def grad(output, inputs, grad_output=None, retain_graph=False, allow_unused=Fals
         add(id(output), g0)
     else:
         add(id(output._ctx), g0)
-        for x, g in _walk(output._ctx, g0, retain_graph):
+        for x, g, _ in _walk(output._ctx, g0, retain_graph, frozenset(slots)):
             add(id(x) if x._ctx is None else id(x._ctx), g)
     missing = [i for i, g in enumerate(found) if g is None]
     if missing and not allow_unused:

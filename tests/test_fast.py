@@ -37,6 +37,7 @@ from autograd.ops.attention import Attention
 from autograd.ops.dropout import Dropout
 from autograd.ops.elementwise import Add
 from autograd.ops.embedding import Embedding
+from autograd.ops.linalg import Linear
 from autograd.ops.losses import CrossEntropy, LinearCrossEntropy
 from autograd.ops.norm import LayerNorm, RMSNorm
 from autograd.ops.rope import Rotate
@@ -137,6 +138,12 @@ def case_add(data, on):
     return (), [_f32(data, shape), _f32(data, shape)], None
 
 
+def case_linear(data, on):
+    shape, out = _rows(data), data.draw(st.integers(1, 6))
+    bias = [_f32(data, (out,))] if data.draw(st.booleans()) else []
+    return (), [_f32(data, shape), _f32(data, (out, shape[-1]))] + bias, None
+
+
 def case_gelu(data, on):
     return (), [_f32(data, _rows(data), -4, 4)], None
 
@@ -202,6 +209,7 @@ def case_dropout(data, on):
 
 FAST_CASES = {  # reference -> its case and the paths it covers (filled from the registry below)
     Add: {"case": case_add},
+    Linear: {"case": case_linear, "low": True},
     SwiGLU: {"case": case_swiglu},
     GeluTanh: {"case": case_gelu, "low": True},
     LayerNorm: {"case": lambda d, on: case_norm(d, on, True)},

@@ -134,3 +134,95 @@ def test_threads_differentiating_one_model_at_once_match_sequential():
             for g, e in zip(got, expected[i]):
                 np.testing.assert_array_equal(g, e)
     assert all(p.grad is None for p in params)
+
+
+# ---- Functions that add an input's pending gradient into their own (Function.takes_addends) ----
+
+class _TwiceAdding(autograd.Function):
+    """y = 2 x, whose backward takes x's pending gradient into its own, as the CUDA products
+    and norms do (autograd/fast/cuda/paths.py); records whether it was given one."""
+
+    takes_addends = True
+    given = []
+
+    def forward(self, x):
+        return 2 * x
+
+    def backward(self, g):
+        a = self.addends[0] if self.addends else None
+        type(self).given.append(a is not None)
+        return 2 * g if a is None else 2 * g + a
+
+
+def _three_consumers(x):
+    """h = 3 x read by two _TwiceAdding and by h * h; dy/dh = u (10 + 2 h + 2) for upstream u."""
+    h = x * 3.0
+    y = _TwiceAdding().apply(h) * 5.0 + h * h + _TwiceAdding().apply(h)
+    return h, y
+
+
+def test_a_pending_gradient_taken_into_a_backward_gives_the_same_gradients():
+    rng = np.random.default_rng(5)
+    x0, u = rng.standard_normal(6), rng.standard_normal(6)
+    want_h = u * (12 + 2 * 3 * x0)
+    _TwiceAdding.given.clear()
+    x = leaf(x0)
+    _three_consumers(x)[1].backward(u)
+    np.testing.assert_allclose(x.grad, 3 * want_h, rtol=1e-12)
+    assert any(_TwiceAdding.given)  # the walk offered the sum so far to a later consumer
+    x2 = leaf(x0)
+    [gx] = autograd.grad(_three_consumers(x2)[1], [x2], u)
+    np.testing.assert_allclose(gx, 3 * want_h, rtol=1e-12)
+
+
+def test_a_watched_intermediate_gets_every_piece_of_its_gradient():
+    """A retained or grad()-requested non-leaf reads its pieces, so its sum is not offered."""
+    rng = np.random.default_rng(6)
+    x0, u = rng.standard_normal(5), rng.standard_normal(5)
+    want_h = u * (12 + 2 * 3 * x0)
+    _TwiceAdding.given.clear()
+    h, y = _three_consumers(leaf(x0))
+    h.retain_grad()
+    y.backward(u)
+    np.testing.assert_allclose(h.grad, want_h, rtol=1e-12)
+    h, y = _three_consumers(leaf(x0))
+    [gh] = autograd.grad(y, [h], u)
+    np.testing.assert_allclose(gh, want_h, rtol=1e-12)
+    assert not any(_TwiceAdding.given)
+
+
+class _TwiceInPlace(autograd.Function):
+    """y = 2 x, a Function that promises fresh gradients and adds x's pending gradient into
+    its own in place when the walk owns that array, declining it otherwise."""
+
+    fresh_grads = takes_addends = True
+    log = []
+
+    def forward(self, x):
+        return 2 * x
+
+    def backward(self, g):
+        a = self.addends[0] if self.addends else None
+        if a is not None and not self.owned[0]:
+            self.addends[0] = a = None  # declined: the walk adds the two
+        type(self).log.append("none" if a is None else "in place")
+        if a is None:
+            return 2 * g
+        a += 2 * g
+        return a
+
+
+def test_pending_gradients_are_written_in_place_only_when_the_walk_owns_them():
+    """h's pieces: 2 * 5 u through a Mul, u itself from an Add (the same array also goes to
+    the Add's other input: not the walk's to write), 2 u twice. Writing into an array the walk
+    does not own would change another branch's gradient; the gradients stay exact."""
+    rng = np.random.default_rng(7)
+    x0, u = rng.standard_normal(4), rng.standard_normal(4)
+    for _ in range(3):
+        _TwiceInPlace.log.clear()
+        x = leaf(x0)
+        h = x * 3.0
+        y = (_TwiceInPlace().apply(h) * 5.0 + h) + _TwiceInPlace().apply(h) + _TwiceInPlace().apply(h)
+        y.backward(u)
+        np.testing.assert_allclose(x.grad, 3 * 15 * u, rtol=1e-12)
+        assert "in place" in _TwiceInPlace.log

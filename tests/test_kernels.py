@@ -644,3 +644,112 @@ def test_add_kernel_is_cupy_add_bit_for_bit(monkeypatch):
     fast.add(x.T, x.T)  # not C order: CuPy's +
     fast.add(x.astype(np.float64), x.astype(np.float64))
     assert calls == [(3, 5)]
+
+
+def test_products_and_norms_sum_their_inputs_gradients_themselves(monkeypatch):
+    """A pre-norm block (h = rms_norm(x); x + three products of h): the CUDA products and norm
+    take the gradient their input already has into their own (Function.takes_addends; the
+    products accumulate into the first one's new array), so the backward calls no separate
+    sum, and every gradient equals the CPU's; a retained h gets its whole gradient."""
+    rng = np.random.default_rng(22)
+    x, w = rand(rng, 2, 9, 64), rand(rng, 64) + 1
+    wq, wk, wv = (rand(rng, 64, 64, scale=0.1) for _ in range(3))
+
+    def block(x0, w, wq, wk, wv):
+        x = x0 * 1.0  # the residual stream: a non-leaf, as between two blocks
+        h = ops.rms_norm(x, w)
+        return x + ops.linear(h, wq) * ops.linear(h, wk) + ops.linear(h, wv)
+
+    compare(block, [x, w, wq, wk, wv])
+    sums = []
+    real = fast.add
+    monkeypatch.setattr(fast, "add", lambda a, b: sums.append(a.shape) or real(a, b))
+    ts = [Tensor(a, requires_grad=True, device="cuda") for a in (x, w, wq, wk, wv)]
+    y = block(*ts)
+    sums.clear()
+    y.backward(backend.to_device(rand(rng, *y.shape), "cuda"))
+    assert sums == []  # without the addends: two sums for h, one for x
+    xt = Tensor(x, requires_grad=True, device="cuda")
+    h = ops.rms_norm(xt, Tensor(w, device="cuda"))
+    h.retain_grad()
+    wts = [Tensor(a, device="cuda") for a in (wq, wk, wv)]
+    u = rand(rng, 2, 9, 64)
+    (ops.linear(h, wts[0]) + ops.linear(h, wts[1]) + ops.linear(h, wts[2])).backward(backend.to_device(u, "cuda"))
+    want = u @ (wq + wk + wv)
+    assert np.abs(h.grad.get() - want).max() < 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_kernel_8_a_thread_against_float64(style, dtype):
+    """Head size 64: the 16-byte kernel (rope_rotate8), reading the model's transposed heads
+    in place and writing the gradient in their layout, against the rotation in float64."""
+    from tinyllm.rope import rope_tables
+
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(23)
+    B, T, H, D = 2, 13, 3, 64
+    cos, sin = (a.astype(np.float32) for a in rope_tables(T, D))
+    low = np.float32 if dtype == "float32" else backend.bfloat16()
+    x = cp.asarray(rand(rng, B, T, H, D)).astype(low).transpose(0, 2, 1, 3)
+    xd = x.astype(np.float64).get()
+    inter = style == "interleaved"
+    if inter:
+        a, b = xd[..., 0::2], xd[..., 1::2]
+    else:
+        a, b = xd[..., : D // 2], xd[..., D // 2:]
+    for sign in (+1, -1):
+        y = kernels.rope_rotate(x, cp.asarray(cos), cp.asarray(sin), sign, inter, out_layout=x.strides)
+        assert y.dtype == low and y.strides == x.strides
+        c, s = cos.astype(np.float64), sign * sin.astype(np.float64)
+        ya, yb = a * c - b * s, b * c + a * s
+        want = np.empty_like(xd)
+        if inter:
+            want[..., 0::2], want[..., 1::2] = ya, yb
+        else:
+            want[..., : D // 2], want[..., D // 2:] = ya, yb
+        tol = 1e-6 if dtype == "float32" else 8e-3
+        assert np.abs(y.astype(np.float64).get() - want).max() <= tol * np.abs(want).max()
+    assert any(key[0] == "rope_rotate8" for key in kernels._cache)
+
+
+def test_norm_backward_adds_the_addend():
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(24)
+    for d in (8, 768, 2500):  # the warp-per-row kernels, and the block-per-row ones
+        x, g, r = (cp.asarray(rand(rng, 33, d)) for _ in range(3))
+        w = cp.asarray(rand(rng, d))
+        _, mean, rstd = kernels.norm_forward(x, w, None, 1e-5, center=False)
+        dx, dw, _ = kernels.norm_backward(g, x, w, mean, rstd, False, True, False)
+        dx_r, dw_r, _ = kernels.norm_backward(g, x, w, mean, rstd, False, True, False, addend=r)
+        assert np.abs((dx_r - dx - r).get()).max() < 1e-5 * float(cp.abs(dx + r).max()), d
+        assert np.allclose(dw_r.get(), dw.get(), rtol=0, atol=1e-5 * float(cp.abs(dw).max()))  # atomics: any order
+
+
+def test_lm_head_gradients_made_in_the_forward():
+    """With a gradient to come and a mean or sum loss, LinearCrossEntropyCUDA makes the
+    gradients in its forward: the logits' gradient from the loss kernel equals the separate
+    backward kernel's bit for bit; the loss equals the one without gradients; a second backward
+    (retain_graph) and another upstream gradient scale the same gradients."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(25)
+    z, w = cp.asarray(rand(rng, 9, 4000, scale=3)), cp.asarray(rand(rng, 9))
+    t = cp.asarray(rng.integers(0, 4000, 9))
+    loss, lse, dz = kernels.cross_entropy_forward(z, t, -1, w, backend.bfloat16())
+    loss0, lse0 = kernels.cross_entropy_forward(z, t, -1)
+    assert np.array_equal(loss.get(), loss0.get()) and np.array_equal(lse.get(), lse0.get())
+    want = kernels.cross_entropy_backward(z, t, lse, w, out_dtype=backend.bfloat16())
+    assert np.array_equal(dz.view(np.uint16).get(), want.view(np.uint16).get())
+    x0, w0 = rand(rng, 300, 64), rand(rng, 4000, 64, scale=0.2)
+    tt = cp.asarray(rng.integers(0, 4000, 300))
+    xt, wt = Tensor(x0, requires_grad=True, device="cuda"), Tensor(w0, requires_grad=True, device="cuda")
+    loss = ops.linear_cross_entropy(xt, wt, tt, chunk_rows=128)
+    with autograd.no_grad():
+        plain = ops.linear_cross_entropy(Tensor(x0, device="cuda"), Tensor(w0, device="cuda"), tt, chunk_rows=128)
+    assert abs(loss.item() - plain.item()) <= 1e-6 * abs(plain.item())
+    (loss * 1.0).backward(retain_graph=True)
+    gx1, gw1 = xt.grad.get(), wt.grad.get()
+    xt.zero_grad(), wt.zero_grad()
+    (loss * 3.0).backward()
+    assert np.allclose(xt.grad.get(), 3 * gx1, rtol=1e-6, atol=1e-9)
+    assert np.allclose(wt.grad.get(), 3 * gw1, rtol=1e-6, atol=1e-9)

@@ -10,7 +10,7 @@ import numpy as np
 
 from autograd import amp, backend, fast
 from autograd.fast.cuda import kernels as cuda
-from autograd.ops.common import xp_of
+from autograd.ops.common import data, xp_of
 from autograd.tensor import Function
 
 
@@ -153,7 +153,8 @@ def linear(x, weight, bias=None, out_dtype=None):
         raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
-    fn = Linear(shared_low_copy(x), None if out_dtype is None else backend.as_dtype(out_dtype))
+    fn = fast.pick(Linear, *data(x, weight, bias))(
+        shared_low_copy(x), None if out_dtype is None else backend.as_dtype(out_dtype))
     return fn.apply(x, weight) if bias is None else fn.apply(x, weight, bias)
 
 

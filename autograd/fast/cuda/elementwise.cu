@@ -1,7 +1,7 @@
 // One-pass elementwise kernels on contiguous, 16-byte aligned arrays of n elements: 8
 // elements a thread (16-byte loads and stores), then the last n % 8 one by one. SwiGLU's read
 // and write EW_T: float, or __nv_bfloat16/__half when the products before it handed on the low
-// dtype (their arithmetic is float32 either way). Dropout's and the sum's are float32.
+// dtype (their arithmetic is float32 either way). Dropout's, the sum's and the scale's are float32.
 // References: autograd/ops/activations.py (SwiGLU), autograd/ops/dropout.py (hash_keep),
 // autograd/ops/elementwise.py (Add).
 
@@ -67,6 +67,20 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
         store8(y + 8 * i, av);
     }
     GRID_STRIDE(i, n / 8 * 8, n) y[i] = a[i] + b[i];
+}
+
+// y = a s for one number s read on the device (an upstream gradient, no host read)
+extern "C" __global__ void scale_f32(const float* __restrict__ a, const float* __restrict__ s,
+        float* __restrict__ y, long long n) {
+    float sv = s[0];
+    GRID_STRIDE(i, 0, n / 8) {
+        float av[8];
+        load8(a + 8 * i, av);
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) av[k] *= sv;
+        store8(y + 8 * i, av);
+    }
+    GRID_STRIDE(i, n / 8 * 8, n) y[i] = a[i] * sv;
 }
 
 // Dropout's keep mask: element i kept when the top 24 bits of splitmix64(seed + i) are >= thr.

@@ -54,13 +54,14 @@ def _ctype(dtype):
 
 
 def _kernel(name, file, **types):
-    """Kernel `name` of `file`, compiled (with OUT_T/IN_T/... replaced by C types) once per
-    type combination."""
-    key = (name, tuple(sorted((k, np.dtype(v).name) for k, v in types.items())))
+    """Kernel `name` of `file`, compiled (with OUT_T/IN_T/... replaced by C types, and
+    placeholders given an int by that number) once per combination."""
+    key = (name, tuple(sorted((k, v if isinstance(v, int) else np.dtype(v).name)
+                              for k, v in types.items())))
     if key not in _cache:
         code = _source(file)
-        for placeholder, dtype in types.items():
-            code = code.replace(placeholder, _ctype(dtype))
+        for placeholder, value in types.items():
+            code = code.replace(placeholder, str(value) if isinstance(value, int) else _ctype(value))
         _cache[key] = _cp().RawKernel(code, name, options=("-std=c++17",))
     return _cache[key]
 
@@ -238,6 +239,17 @@ def add(a, b):
     a, b = _aligned(a), _aligned(b)
     y = _cp().empty(a.shape, np.float32)
     _launch_vec(_kernel("add_f32", "elementwise.cu", EW_T=np.float32), a.size, a, b, y, np.int64(a.size))
+    return y
+
+
+def scale(a, s):
+    """a * s in a new array, for a float32 array a and a one-element float32 GPU array s (an
+    upstream gradient: no host read), in one vectorized pass."""
+    cp = _cp()
+    a = _aligned(a)
+    s = cp.asarray(s, dtype=np.float32).reshape(1)
+    y = cp.empty(a.shape, np.float32)
+    _launch_vec(_kernel("scale_f32", "elementwise.cu", EW_T=np.float32), a.size, a, s, y, np.int64(a.size))
     return y
 
 
@@ -471,16 +483,25 @@ def flash_attention_backward(q, k, v, y, lse, g, causal, scale, dropout_p=0.0, s
 
 # ---- cross-entropy ------------------------------------------------------------------------------
 
-def cross_entropy_forward(z, t, ignore_index):
-    """Per-row losses (0 where ignored) and log-sum-exps for logits z (N, V), targets t (N,)."""
+def cross_entropy_forward(z, t, ignore_index, w=None, out_dtype=None):
+    """Per-row losses (0 where ignored) and log-sum-exps for logits z (N, V), targets t (N,).
+
+    With row weights w (N,), also the logits' gradient dz = (softmax(z) - onehot(t)) w (as
+    cross_entropy_backward gives it, in out_dtype, default z's) from the same kernel, which
+    reads each row a second time for it: (loss, lse, dz)."""
     cp = _cp()
     z = cp.ascontiguousarray(z)
     N, V = z.shape
     t = cp.ascontiguousarray(t.astype(np.int64, copy=False))
     lse = cp.empty(N, np.float32)
     loss = cp.empty(N, np.float32)
-    _kernel("ce_fwd", "cross_entropy.cu", IN_T=z.dtype, OUT_T=z.dtype)((N,), (512,), (z, t, lse, loss, np.int32(V), np.int64(ignore_index)))
-    return loss, lse
+    dz = None if w is None else cp.empty(z.shape, out_dtype or z.dtype)
+    vec = V % 8 == 0 and z.data.ptr % 16 == 0 and (dz is None or dz.data.ptr % 16 == 0)
+    _kernel("ce_fwd", "cross_entropy.cu", IN_T=z.dtype, OUT_T=z.dtype if dz is None else dz.dtype)(
+        (N,), (512,), (z, t, lse, loss, np.int32(V), np.int64(ignore_index),
+                       _ptr(None if w is None else w.astype(np.float32, copy=False)),
+                       np.uint64(0) if dz is None else dz, np.int32(vec)))
+    return (loss, lse) if w is None else (loss, lse, dz)
 
 
 def cross_entropy_backward(z, t, lse, w, out_dtype=None):
@@ -504,10 +525,22 @@ def _ptr(a):
     return np.uint64(0) if a is None else _cp().ascontiguousarray(a)
 
 
+def contiguous(a):
+    return _cp().ascontiguousarray(a)
+
+
 def _rows(x):
     cp = _cp()
     x = cp.ascontiguousarray(x)
     return x.reshape(-1, x.shape[-1])
+
+
+def _norm_vec(x2, *arrays):
+    """NORM_VEC, the float4s a lane holds, for the warp-per-row kernels; 0 when they do not
+    apply (d not a multiple of 4, over 1024, or an array not on 16 bytes)."""
+    d = x2.shape[1]
+    ok = d % 4 == 0 and d <= 1024 and all(a is None or a.data.ptr % 16 == 0 for a in (x2,) + arrays)
+    return (d + 127) // 128 if ok else 0
 
 
 def norm_forward(x, w, b, eps, center):
@@ -518,23 +551,38 @@ def norm_forward(x, w, b, eps, center):
     y = cp.empty_like(x2)
     mean = cp.empty(N, np.float32)
     rstd = cp.empty(N, np.float32)
-    threads = 128 if d <= 1024 else 256
-    _kernel("norm_fwd", "norm.cu")((N,), (threads,), (x2, _ptr(w), _ptr(b), y, mean, rstd, np.int32(d),
-                                                      np.float32(eps), np.int32(center)))
+    w, b = (None if a is None else cp.ascontiguousarray(a) for a in (w, b))
+    nv = _norm_vec(x2, w, b)
+    if nv:  # a warp per row, 4 rows a block
+        _kernel("norm_fwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=1)(
+            ((N + 3) // 4,), (128,), (x2, _ptr(w), _ptr(b), y, mean, rstd, np.int64(N), np.int32(d),
+                                      np.float32(eps), np.int32(center)))
+    else:
+        threads = 128 if d <= 1024 else 256
+        _kernel("norm_fwd", "norm.cu", NORM_VEC=1, NORM_DB=1)((N,), (threads,), (x2, _ptr(w), _ptr(b), y, mean, rstd,
+                                                                   np.int32(d), np.float32(eps), np.int32(center)))
     return y.reshape(x.shape), mean, rstd
 
 
-def norm_backward(g, x, w, mean, rstd, center, want_w, want_b):
+def norm_backward(g, x, w, mean, rstd, center, want_w, want_b, addend=None):
+    """dx, dw, db (None where not wanted); dx + addend (x's shape) when an addend is given."""
     cp = _cp()
     g2, x2 = _rows(g), _rows(x)
     N, d = x2.shape
     dx = cp.empty_like(x2)
     dw = cp.zeros(d, np.float32) if want_w else None
     db = cp.zeros(d, np.float32) if want_b else None
-    blocks = int(min(N, 1024))
-    _kernel("norm_bwd", "norm.cu")((blocks,), (128,), (g2, x2, _ptr(w), mean, rstd, dx, _ptr(dw), _ptr(db),
-                                                        np.int64(N), np.int32(d), np.int32(center)),
-                                    shared_mem=2 * d * 4)
+    w = None if w is None else cp.ascontiguousarray(w)
+    r = None if addend is None else _rows(addend)
+    nv = _norm_vec(x2, g2, w, r)
+    args = (g2, x2, _ptr(w), mean, rstd, _ptr(r), dx, _ptr(dw), _ptr(db), np.int64(N), np.int32(d),
+            np.int32(center))
+    if nv:  # a warp per row, 4 warps a block, at most 1024 blocks (each sums its rows' dw, db)
+        _kernel("norm_bwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=int(want_b))(
+            (int(min((N + 3) // 4, 1024)) or 1,), (128,), args, shared_mem=2 * d * 4)
+    else:
+        _kernel("norm_bwd", "norm.cu", NORM_VEC=1, NORM_DB=1)((int(min(N, 1024)) or 1,), (128,), args,
+                                                            shared_mem=2 * d * 4)
     return dx.reshape(x.shape), dw, db
 
 
@@ -684,13 +732,18 @@ def rope_rotate(x, cos, sin, sign, interleaved, out_layout=None):
     cos = cp.ascontiguousarray(cos, dtype=np.float32)
     sin = cp.ascontiguousarray(sin, dtype=np.float32)
     rows = x.size // D
-    per_block = max(1, 256 // (D // 2))
-    grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)
-    _kernel("rope_rotate", "rope.cu", IN_T=x.dtype)(
-        grid, (D // 2, per_block),
-        (x, cos, sin, y, np.int64(rows), np.int32(H), np.int32(T), np.int32(D),
-         *(np.int64(st // its) for st in x.strides[:3]), *(np.int64(st // its) for st in y.strides[:3]),
-         np.int32(bool(interleaved)), np.float32(sign)))
+    args = (x, cos, sin, y, np.int64(rows), np.int32(H), np.int32(T), np.int32(D),
+            *(np.int64(st // its) for st in x.strides[:3]), *(np.int64(st // its) for st in y.strides[:3]),
+            np.int32(bool(interleaved)), np.float32(sign))
+    if D % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (x, y, cos, sin)) and all(
+            st % (8 * its) == 0 for st in x.strides[:3] + y.strides[:3]):
+        threads = rows * D // 8 // (1 if interleaved else 2)
+        _kernel("rope_rotate8", "rope.cu", IN_T=x.dtype)(
+            (int(min((threads + 255) // 256, 65535 * 4)) or 1,), (256,), args)
+    else:
+        per_block = max(1, 256 // (D // 2))
+        grid = (int(min((rows + per_block - 1) // per_block, 65535 * 4)),)
+        _kernel("rope_rotate", "rope.cu", IN_T=x.dtype)(grid, (D // 2, per_block), args)
     return y.reshape(shape) if len(shape) != 4 else y
 
 

@@ -9,16 +9,18 @@ tests/test_fast.py holds each to its reference (run on a GPU by scripts/gpu-chec
 import numpy as np
 
 
-from autograd import amp, fast
+from autograd import amp, backend, fast
 from autograd.fast import FastPath
 from autograd.fast.cuda import graph, kernels
 from autograd.ops.activations import GeluTanh, SwiGLU
 from autograd.ops.attention import Attention
 from autograd.ops.dropout import Dropout
 from autograd.ops.elementwise import Add
-from autograd.ops.losses import CrossEntropy, LinearCrossEntropy
+from autograd.ops.linalg import Linear, mm, mm_into
+from autograd.ops.losses import CrossEntropy, LinearCrossEntropy, ce_reduce, ce_row_weights
 from autograd.ops.norm import LayerNorm, RMSNorm
 from autograd.ops.rope import Rotate
+from autograd.tensor import is_grad_enabled
 
 
 @fast.register("cuda", "float32")
@@ -68,6 +70,37 @@ class AttentionCUDA(FastPath, Attention):
                                           self.out_dtype, self.layouts)
 
 
+@fast.register("cuda", "float32", "bfloat16", "float16")
+class LinearCUDA(FastPath, Linear):
+    """The reference's products, with two promises to the backward walk (autograd.tensor's
+    Function.fresh_grads and takes_addends): its gradients are new arrays (a weight takes its
+    gradient as .grad without a copy), and when its input's gradient so far is the walk's own
+    array, dx = g W is accumulated into it by the product itself (cuBLAS's beta = 1) instead
+    of a separate sum. The model's q, k, v (and w1, w3) share one input: the three products
+    then sum its gradient."""
+
+    fresh_grads = takes_addends = True
+
+    def backward(self, g):
+        addend = self.addends[0] if self.addends else None
+        x_dtype = self.dtypes[0]
+        if addend is not None and not (self.owned[0] and addend.dtype == x_dtype
+                                       and addend.flags.c_contiguous and self.needs_grad[0]):
+            self.addends[0] = addend = None  # declined: the walk adds the two
+        if addend is None:
+            return super().backward(g)
+        # the reference's backward, with dx = g W added into the addend
+        w_dtype = self.dtypes[1]
+        gl = amp.low(g).reshape(-1, g.shape[-1])
+        mm_into(addend.reshape(-1, addend.shape[-1]), gl, self.w, False, False, accumulate=True)
+        gw = gb = None
+        if self.needs_grad[1]:
+            gw = mm(gl, self.x.reshape(-1, self.x.shape[-1]), True, False, w_dtype)
+        if len(self.needs_grad) > 2:
+            gb = g.reshape(-1, g.shape[-1]).astype(w_dtype, copy=False).sum(axis=0)
+        return addend, gw, gb
+
+
 def _ce_rows(z, t):
     return kernels.cross_entropy_forward(z, t, -1)
 
@@ -87,8 +120,55 @@ def _ce_row_grads_low(z, t, lse, w):
 
 @fast.register("cuda", "float32")
 class LinearCrossEntropyCUDA(FastPath, LinearCrossEntropy):
+    """The reference's chunks, with the gradients made in the forward when they will be wanted
+    (grad mode on, an input that requires grad) and the loss is one number ("mean", "sum").
+
+    Then dL/dloss_i = g r_i, where g is the upstream gradient (one number) and r_i the row's
+    weight for g = 1 (1/count or 1, 0 for ignored rows), so every gradient is g times the
+    gradient for g = 1:
+        dz_c = (softmax(z_c) - onehot(t_c)) r_c,   dx_c = dz_c W,   dW1 = sum_c dz_c^T x_c
+    and backward returns g dx, g dW1. Each chunk's logits are made once (the reference makes
+    them again in backward: a third of the head's FLOPs), and one kernel reads them for both
+    the losses and dz. Forward keeps dx and dW1 (float32, the size of x and W) instead of the
+    low-precision x and W; "none" and a forward without gradients run the reference's way."""
+
     rows = staticmethod(_ce_rows)
     row_grads = staticmethod(_ce_row_grads_low)
+    fresh_grads = True
+
+    def forward(self, x, w):
+        self.early = (self.reduction != "none" and is_grad_enabled()
+                      and any(self.needs_grad))
+        if not self.early:
+            return super().forward(x, w)
+        cp = backend.cupy_module()
+        self.shape = x.shape
+        xl, wl = amp.low(x).reshape(-1, x.shape[-1]), amp.low(w)
+        t = self.targets.reshape(-1)
+        keep = t != self.ignore_index
+        t = cp.where(keep, t, 0)
+        n = xl.shape[0]
+        count = keep.sum().astype(x.dtype) if self.reduction == "mean" else None
+        r = ce_row_weights(cp.ones((), x.dtype), keep, count, self.reduction).astype(np.float32)
+        losses = cp.empty(n, x.dtype)
+        self.gx = cp.empty((n, x.shape[-1]), x.dtype) if self.needs_grad[0] else None
+        self.gw = cp.zeros(w.shape, x.dtype) if self.needs_grad[1] else None
+        for c in self._chunks(n):
+            z = mm(xl[c], wl, False, True, x.dtype)  # this chunk's logits x_c W^T
+            losses[c], _, dz = kernels.cross_entropy_forward(z, t[c], -1, r[c], amp.low_dtype())
+            del z
+            if self.gx is not None:
+                mm_into(self.gx[c], dz, wl, False, False)
+            if self.gw is not None:
+                mm_into(self.gw, dz, xl[c], True, False, accumulate=True)
+        losses *= keep
+        return ce_reduce(self, losses, keep, x.shape[:-1], self.reduction)
+
+    def backward(self, g):
+        if not self.early:
+            return super().backward(g)
+        gx = None if self.gx is None else kernels.scale(self.gx, g).reshape(self.shape)
+        return gx, (None if self.gw is None else kernels.scale(self.gw, g))
 
 
 @fast.register("cuda", "float32")
@@ -100,9 +180,12 @@ class LayerNormCUDA(FastPath, LayerNorm):
         y, self.mean, self.rstd = kernels.norm_forward(x, w, b, self.eps, center=True)
         return y
 
+    fresh_grads = takes_addends = True  # dx = the norm's gradient + x's pending one, one kernel
+
     def backward(self, g):
         gx, gw, gb = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, True,
-                                           self.w is not None, len(self.needs_grad) > 2)
+                                           self.w is not None, len(self.needs_grad) > 2,
+                                           self.addends[0] if self.addends else None)
         return (gx, gw, gb)[: len(self.needs_grad)]
 
 
@@ -113,10 +196,13 @@ class RMSNormCUDA(FastPath, RMSNorm):
         y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
         return y
 
+    fresh_grads = takes_addends = True  # as LayerNormCUDA
+
     def backward(self, g):
         gx, gw, _ = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, False,
-                                          self.w is not None, False)
-        return gx, gw
+                                          self.w is not None, False,
+                                          self.addends[0] if self.addends else None)
+        return (gx, gw)[: len(self.needs_grad)]
 
 
 @fast.register("cuda", "float32", "bfloat16", "float16")
