@@ -217,10 +217,15 @@ class AdamW(Optimizer):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def step(self, norm_sq=None):
+    def step(self, norm_sq=None, max_norm=0.0):
         """One update of every parameter with a gradient. `norm_sq`: the squared global
         gradient norm as a GPU array (a captured step, see optim.clip_grad_norm_on_device):
-        the kernel then skips the update when it is not finite."""
+        the kernel then skips the update when it is not finite. `max_norm` (with norm_sq):
+        update with the gradients clipped to this global norm, as clip_grad_norm would scale
+        them, without writing them (the fused kernel scales each gradient as it reads it)."""
+        if max_norm and norm_sq is None:
+            raise ValueError("AdamW.step: max_norm needs norm_sq, the squared gradient norm")
+        clip_scale = None  # the non-fused path's clipping: the norm read on the host
         capture = graph.active()
         if capture is None:
             self.step_count += 1
@@ -248,6 +253,12 @@ class AdamW(Optimizer):
                 if capture is not None:  # its lr and step count would be fixed at capture
                     raise graph.CaptureError(f"AdamW: a {w.dtype} parameter is updated outside "
                                              "the fused GPU kernel, which a captured step needs")
+                if max_norm:
+                    if clip_scale is None:
+                        norm = math.sqrt(float(norm_sq.reshape(-1)[0]))
+                        clip_scale = max_norm / (norm + 1e-6) if math.isfinite(norm) else 1.0
+                    if clip_scale < 1:
+                        g = g * g.dtype.type(clip_scale)
                 tmp = self._tmp(p.data)
                 if wd:
                     w *= 1 - lr * wd
@@ -272,7 +283,7 @@ class AdamW(Optimizer):
                 if capture is not None:
                     hp = capture.slot(lambda group=group: self._slot_values(group), np.float32, 3)
                 cuda.adamw_step(*map(list, zip(*fused)), lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t,
-                                hp=hp, sumsq=norm_sq)
+                                hp=hp, sumsq=norm_sq, max_norm=max_norm)
 
     def _count_step(self):
         self.step_count += 1

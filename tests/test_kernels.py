@@ -719,7 +719,7 @@ def test_norm_backward_adds_the_addend():
     for d in (8, 768, 2500):  # the warp-per-row kernels, and the block-per-row ones
         x, g, r = (cp.asarray(rand(rng, 33, d)) for _ in range(3))
         w = cp.asarray(rand(rng, d))
-        _, mean, rstd = kernels.norm_forward(x, w, None, 1e-5, center=False)
+        _, mean, rstd, _ = kernels.norm_forward(x, w, None, 1e-5, center=False)
         dx, dw, _ = kernels.norm_backward(g, x, w, mean, rstd, False, True, False)
         dx_r, dw_r, _ = kernels.norm_backward(g, x, w, mean, rstd, False, True, False, addend=r)
         assert np.abs((dx_r - dx - r).get()).max() < 1e-5 * float(cp.abs(dx + r).max()), d
@@ -753,3 +753,57 @@ def test_lm_head_gradients_made_in_the_forward():
     (loss * 3.0).backward()
     assert np.allclose(xt.grad.get(), 3 * gx1, rtol=1e-6, atol=1e-9)
     assert np.allclose(wt.grad.get(), 3 * gw1, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_adamw_with_max_norm_is_clipping_then_the_step_bit_for_bit(max_norm):
+    """A captured step clips inside AdamW's kernel (the gradient scaled as it is read, 4
+    elements a thread): weights and moments equal those of clip_grad_norm_on_device then
+    step(), bit for bit, with sizes that leave a tail and a gradient off 16 bytes (the
+    one-at-a-time loop); the gradients themselves are left unclipped."""
+    from autograd import optim
+    from autograd.nn import Parameter
+
+    cp = backend.cupy_module()
+    shapes = [(7, 5), (5,), (301, 701)]
+    init = [rand(np.random.default_rng(26), *s) for s in shapes]
+    runs = []
+    for fused in (False, True):
+        ps = [Parameter(a, device="cuda") for a in init]
+        opt = optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+        rng = np.random.default_rng(27)
+        for _ in range(3):
+            for p, s in zip(ps, shapes):
+                g = cp.asarray(rand(rng, int(np.prod(s)) + 1, scale=3))[1:]  # off 16 bytes
+                p.grad = g.reshape(s) if s == (5,) else g.reshape(s).copy()
+            norm_sq = optim.clip_grad_norm_on_device(ps, 0 if fused else max_norm)
+            unclipped = [p.grad.copy() for p in ps]
+            opt.step(norm_sq=norm_sq, max_norm=max_norm if fused else 0.0)
+            if fused:
+                assert all(np.array_equal(p.grad.get(), u.get()) for p, u in zip(ps, unclipped))
+        runs.append([a.get() for p in ps for a in (p.data, *opt.state[id(p)].values())])
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_a_norm_writes_the_low_precision_copy_its_products_read(norm):
+    """Under bfloat16 on the GPU the norm's kernel also writes its output in bfloat16, bit for
+    bit the cast of the float32 output, and the products after it read that copy; without a
+    graph being recorded it writes none."""
+    from autograd.ops.linalg import shared_low_copy
+
+    rng = np.random.default_rng(28)
+    x, w, b = rand(rng, 2, 5, 64), rand(rng, 64), rand(rng, 64)
+
+    def apply(*ts):
+        return ops.rms_norm(*ts[:2]) if norm == "rms" else ops.layer_norm(*ts)
+
+    with amp.autocast("bfloat16"):
+        h = apply(*[Tensor(a, requires_grad=True, device="cuda") for a in (x, w, b)])
+        low = h._low_copy
+        assert low.dtype == backend.bfloat16() and shared_low_copy(h) is low
+        want = kernels.cast(h.data, backend.bfloat16())
+        assert np.array_equal(low.view(np.uint16).get(), want.view(np.uint16).get())
+        with autograd.no_grad():
+            assert getattr(apply(*[Tensor(a, device="cuda") for a in (x, w, b)]), "_low_copy", None) is None

@@ -778,8 +778,8 @@ class Run:
                     loss = loss * w
                 loss.backward()
                 total = loss.data if total is None else total + loss.data
-            norm_sq = clip_grad_norm_on_device(params, clip)
-            optimizer.step(norm_sq=norm_sq + total * 0)  # inf/nan when either is
+            norm_sq = clip_grad_norm_on_device(params, 0)  # the norm; AdamW's kernel clips
+            optimizer.step(norm_sq=norm_sq + total * 0, max_norm=clip)  # inf/nan when either is
             optimizer.zero_grad()
             return total, norm_sq
 

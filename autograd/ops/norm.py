@@ -69,10 +69,21 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     if bias is not None and weight is None:
         raise ValueError("layer_norm: a bias needs a weight")
     inputs = [t for t in (x, weight, bias) if t is not None]
-    return fast.pick(LayerNorm, *data(*inputs))(eps).apply(*inputs)
+    return _with_low_copy(fast.pick(LayerNorm, *data(*inputs))(eps), inputs)
 
 
 def rms_norm(x, weight=None, eps=1e-6):
     _check_norm("rms_norm", x, weight)
     inputs = [t for t in (x, weight) if t is not None]
-    return fast.pick(RMSNorm, *data(*inputs))(eps).apply(*inputs)
+    return _with_low_copy(fast.pick(RMSNorm, *data(*inputs))(eps), inputs)
+
+
+def _with_low_copy(fn, inputs):
+    """fn applied; a low-precision copy of the output that a fast path wrote beside it
+    (`out_low`) becomes the output's shared copy (ops.linalg.shared_low_copy), so the products
+    that read the norm's output need no cast of it."""
+    y = fn.apply(*inputs)
+    low = fn.__dict__.pop("out_low", None)
+    if low is not None and y._ctx is not None:
+        y._low_copy = low
+    return y

@@ -81,3 +81,29 @@ extern "C" __global__ void attn_bwd_prep(const IN_T* __restrict__ g, const Y_T* 
         if (lane == 0) drow[r] = s;
     }
 }
+
+// The same preamble with 16-byte loads, for D / 8 a power of two up to 32 and rows of g, y
+// (and gl) starting on 16 bytes (kernels._attention_bwd_prep checks): D / 8 lanes a row, each
+// lane 8 elements, the row's sum over those lanes with shuffles; a warp takes 256 / D rows.
+extern "C" __global__ void attn_bwd_prep8(const IN_T* __restrict__ g, const Y_T* __restrict__ y,
+        OUT_T* __restrict__ gl, float* __restrict__ drow, long long rows, int H, int T, int D,
+        long long sb, long long sh, long long st, long long yb, long long yh, long long yt) {
+    int per_row = D / 8, lane = threadIdx.x & 31, sub = lane % per_row, rows_per_warp = 32 / per_row;
+    long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long r0 = warp * rows_per_warp; r0 < rows; r0 += nwarps * rows_per_warp) {
+        long long r = r0 + lane / per_row;  // the loop is the warp's: every lane shuffles
+        float s = 0.f;
+        if (r < rows) {
+            long long t = r % T, bh = r / T, b = bh / H, h = bh % H;
+            float v[8], w[8];
+            load8(g + b * sb + h * sh + t * st + sub * 8, v);
+            load8(y + b * yb + h * yh + t * yt + sub * 8, w);
+            #pragma unroll
+            for (int k = 0; k < 8; ++k) s += v[k] * w[k];
+            if (gl) store8(gl + r * D + sub * 8, v);
+        }
+        for (int o = per_row / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (r < rows && sub == 0) drow[r] = s;
+    }
+}

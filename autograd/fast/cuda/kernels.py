@@ -450,10 +450,16 @@ def _attention_bwd_prep(g, y, low):
         gl = g if keep else cp.empty(g.shape, low)
         drow = cp.empty((B, H, T), np.float32)
         rows = B * H * T
-        kernel = _kernel("attn_bwd_prep", "attention.cu", IN_T=g.dtype, Y_T=y.dtype, OUT_T=low)
-        kernel((int(min((rows + 7) // 8, 65535 * 8)),), (256,),
-               (g, y, np.uint64(0) if keep else gl, drow, np.int64(rows), np.int32(H), np.int32(T),
-                np.int32(D), *_strides(g), *_strides(y)))
+        args = (g, y, np.uint64(0) if keep else gl, drow, np.int64(rows), np.int32(H), np.int32(T),
+                np.int32(D), *_strides(g), *_strides(y))
+        if D in (8, 16, 32, 64, 128, 256) and all(  # 16-byte loads (and stores of gl)
+                a.data.ptr % 16 == 0 and all(st % 16 == 0 for st in a.strides[:3]) for a in (g, y, gl)):
+            warps = (rows * D // 256 + 7) // 8  # 8 warps a block, 256 / D rows a warp
+            _kernel("attn_bwd_prep8", "attention.cu", IN_T=g.dtype, Y_T=y.dtype, OUT_T=low)(
+                (int(min(max(warps, 1), 65535 * 8)),), (256,), args)
+        else:
+            _kernel("attn_bwd_prep", "attention.cu", IN_T=g.dtype, Y_T=y.dtype, OUT_T=low)(
+                (int(min((rows + 7) // 8, 65535 * 8)),), (256,), args)
         return drow, gl
     drow = (g.astype(np.float32) * y.astype(np.float32)).sum(axis=-1)
     return drow, _aligned(g.astype(low))
@@ -543,8 +549,10 @@ def _norm_vec(x2, *arrays):
     return (d + 127) // 128 if ok else 0
 
 
-def norm_forward(x, w, b, eps, center):
-    """y, mean, rstd for LayerNorm (center=True) or RMSNorm over the last axis (float32)."""
+def norm_forward(x, w, b, eps, center, low=None):
+    """y, mean, rstd for LayerNorm (center=True) or RMSNorm over the last axis (float32), and
+    y in the dtype `low` (bfloat16/float16) from the same kernel when asked and the warp-per-
+    row kernel runs (else None)."""
     cp = _cp()
     x2 = _rows(x)
     N, d = x2.shape
@@ -553,15 +561,18 @@ def norm_forward(x, w, b, eps, center):
     rstd = cp.empty(N, np.float32)
     w, b = (None if a is None else cp.ascontiguousarray(a) for a in (w, b))
     nv = _norm_vec(x2, w, b)
+    y_low = None
     if nv:  # a warp per row, 4 rows a block
-        _kernel("norm_fwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=1)(
+        y_low = None if low is None else cp.empty(x.shape, low)
+        _kernel("norm_fwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=1, LOW_T=low or np.float32)(
             ((N + 3) // 4,), (128,), (x2, _ptr(w), _ptr(b), y, mean, rstd, np.int64(N), np.int32(d),
-                                      np.float32(eps), np.int32(center)))
+                                      np.float32(eps), np.int32(center), _ptr(y_low)))
     else:
         threads = 128 if d <= 1024 else 256
-        _kernel("norm_fwd", "norm.cu", NORM_VEC=1, NORM_DB=1)((N,), (threads,), (x2, _ptr(w), _ptr(b), y, mean, rstd,
-                                                                   np.int32(d), np.float32(eps), np.int32(center)))
-    return y.reshape(x.shape), mean, rstd
+        _kernel("norm_fwd", "norm.cu", NORM_VEC=1, NORM_DB=1, LOW_T=np.float32)(
+            (N,), (threads,), (x2, _ptr(w), _ptr(b), y, mean, rstd, np.int32(d), np.float32(eps),
+                               np.int32(center)))
+    return y.reshape(x.shape), mean, rstd, y_low
 
 
 def norm_backward(g, x, w, mean, rstd, center, want_w, want_b, addend=None):
@@ -578,10 +589,10 @@ def norm_backward(g, x, w, mean, rstd, center, want_w, want_b, addend=None):
     args = (g2, x2, _ptr(w), mean, rstd, _ptr(r), dx, _ptr(dw), _ptr(db), np.int64(N), np.int32(d),
             np.int32(center))
     if nv:  # a warp per row, 4 warps a block, at most 1024 blocks (each sums its rows' dw, db)
-        _kernel("norm_bwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=int(want_b))(
+        _kernel("norm_bwd_warp", "norm.cu", NORM_VEC=nv, NORM_DB=int(want_b), LOW_T=np.float32)(
             (int(min((N + 3) // 4, 1024)) or 1,), (128,), args, shared_mem=2 * d * 4)
     else:
-        _kernel("norm_bwd", "norm.cu", NORM_VEC=1, NORM_DB=1)((int(min(N, 1024)) or 1,), (128,), args,
+        _kernel("norm_bwd", "norm.cu", NORM_VEC=1, NORM_DB=1, LOW_T=np.float32)((int(min(N, 1024)) or 1,), (128,), args,
                                                             shared_mem=2 * d * 4)
     return dx.reshape(x.shape), dw, db
 
@@ -702,14 +713,16 @@ def clip_(arrays, sumsq, max_norm):
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-               bias_c1, bias_c2, hp=None, sumsq=None):
+               bias_c1, bias_c2, hp=None, sumsq=None, max_norm=0.0):
     """One AdamW update of every parameter (in place), in one launch; float32, contiguous.
     A captured step passes `hp`, the address of (lr, bias_c1, bias_c2) in its slots, and
-    `sumsq`, the squared gradient norm on the device (a non-finite one skips the update)."""
+    `sumsq`, the squared gradient norm on the device (a non-finite one skips the update).
+    With sumsq and max_norm > 0 the update uses the gradients clipped to that global norm
+    (as clip_ scales them), the gradients themselves left as they are."""
     _multi("multi_adamw", [params, grads, exp_avgs, exp_avg_sqs])(
         np.int32(len(params)), np.float32(lr), np.float32(weight_decay), np.float32(beta1),
         np.float32(beta2), np.float32(eps), np.float32(bias_c1), np.float32(bias_c2),
-        np.uint64(hp or 0), _ptr(sumsq))
+        np.uint64(hp or 0), _ptr(sumsq), np.float32(max_norm))
 
 
 def rope_rotate(x, cos, sin, sign, interleaved, out_layout=None):

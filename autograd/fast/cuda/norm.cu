@@ -77,9 +77,12 @@ __device__ __forceinline__ float4 mul4(float4 a, float4 b) { return make_float4(
 __device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 __device__ __forceinline__ float4 sub4(float4 a, float4 b) { return make_float4(a.x - b.x, a.y - b.y, a.z - b.z, a.w - b.w); }
 
+// YL, when not null: y rounded to LOW_T as well (the copy the products after the norm read
+// under a low-precision mode, written here instead of by a cast that reads y again).
 extern "C" __global__ void norm_fwd_warp(const float* __restrict__ X, const float* __restrict__ w,
         const float* __restrict__ b, float* __restrict__ Y, float* __restrict__ mean_out,
-        float* __restrict__ rstd_out, long long rows, int d, float eps, int center) {
+        float* __restrict__ rstd_out, long long rows, int d, float eps, int center,
+        LOW_T* __restrict__ YL) {
     int lane = threadIdx.x & 31, n4 = d / 4;
     long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;
@@ -107,6 +110,10 @@ extern "C" __global__ void norm_fwd_warp(const float* __restrict__ X, const floa
         if (w) o = mul4(o, reinterpret_cast<const float4*>(w)[c]);
         if (b) o = add4(o, reinterpret_cast<const float4*>(b)[c]);
         y[c] = o;
+        if (YL) {
+            LOW_T* yl = YL + r * d + 4 * c;
+            put(yl, o.x); put(yl + 1, o.y); put(yl + 2, o.z); put(yl + 3, o.w);
+        }
     }
     if (lane == 0) { mean_out[r] = mu; rstd_out[r] = rstd; }
 }

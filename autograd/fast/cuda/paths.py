@@ -171,13 +171,23 @@ class LinearCrossEntropyCUDA(FastPath, LinearCrossEntropy):
         return gx, (None if self.gw is None else kernels.scale(self.gw, g))
 
 
+def _low_out(fn, x):
+    """The dtype of a low-precision copy of fn's output for the products after it, or None:
+    under a low-precision mode, when the graph is recorded (shared_low_copy only serves
+    activations that have a creator)."""
+    return amp.activation_dtype(x) if is_grad_enabled() and any(fn.needs_grad) else None
+
+
 @fast.register("cuda", "float32")
 class LayerNormCUDA(FastPath, LayerNorm):
-    """One kernel each way; backward recomputes xhat from x and the saved mean and 1/std."""
+    """One kernel each way; backward recomputes xhat from x and the saved mean and 1/std.
+    Under a low-precision mode the forward also writes y in the low dtype (`out_low`): the
+    copy the products after the norm read (ops.linalg.shared_low_copy), with no cast."""
 
     def forward(self, x, w=None, b=None):
         self.x, self.w = x, w
-        y, self.mean, self.rstd = kernels.norm_forward(x, w, b, self.eps, center=True)
+        y, self.mean, self.rstd, self.out_low = kernels.norm_forward(
+            x, w, b, self.eps, center=True, low=_low_out(self, x))
         return y
 
     fresh_grads = takes_addends = True  # dx = the norm's gradient + x's pending one, one kernel
@@ -193,7 +203,8 @@ class LayerNormCUDA(FastPath, LayerNorm):
 class RMSNormCUDA(FastPath, RMSNorm):
     def forward(self, x, w=None):
         self.x, self.w = x, w
-        y, self.mean, self.rstd = kernels.norm_forward(x, w, None, self.eps, center=False)
+        y, self.mean, self.rstd, self.out_low = kernels.norm_forward(
+            x, w, None, self.eps, center=False, low=_low_out(self, x))
         return y
 
     fresh_grads = takes_addends = True  # as LayerNormCUDA
