@@ -259,6 +259,12 @@ def test_fast_path_matches_its_reference(cls, mode, data):
         return backend.to_device(a, device)
 
     ctor, arrays, pick_extra = FAST_CASES[ref]["case"](data, on)
+    # one query and one key: every dQ is 0 in exact arithmetic, and a path handed bfloat16
+    # inputs writes y in bfloat16, so its dQ is y's rounding times |dO| |y| |k| (as in
+    # FlashAttention, which rounds O the same way): no relative comparison applies to it. The
+    # other modes still compare this shape.
+    assume(not (ref is Attention and mode == "bfloat16-inputs" and arrays[0].shape[2] == 1
+                and arrays[1].shape[2] == 1))
     if mode == "bfloat16-inputs":  # both sides get the bfloat16 values; the path gets them as such
         low = [a.astype(backend.bfloat16()) for a in arrays]
         arrays, path_arrays = [a.astype(np.float32) for a in low], low
