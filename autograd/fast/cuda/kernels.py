@@ -12,9 +12,11 @@ classes that call them, each a fast path of a reference op, are in paths.py.
   softmax step; the backward recomputes each block from the saved log-sum-exp).
   The causal upper triangle is skipped in both.
 - cross-entropy (cross_entropy.cu): one read of the logits for the loss (an online max/sum
-  per row), one read and one write for the gradient.
-- RMSNorm and LayerNorm (norm.cu): one kernel forward, one backward (weight gradients summed
-  per block in shared memory, then added atomically).
+  per row), one read and one write for the gradient; the LM head's forward asks for both
+  from one kernel.
+- RMSNorm and LayerNorm (norm.cu): one kernel forward, one backward, a warp per row (weight
+  gradients summed per block in shared memory, then added atomically); the backward can add
+  the rest of x's gradient, the forward write a low-precision copy of y.
 - SwiGLU, dropout, the float32 sum (elementwise.cu), GELU (gelu.cu), RoPE (rope.cu): one pass
   each; the elementwise ones 8 elements a thread, with 16-byte loads and stores.
 - the casts of float32 activations and gradients to bfloat16/float16 (cast.cu): one pass,
