@@ -137,12 +137,16 @@ class Linear(Function):
         gl = amp.low(g).reshape(-1, g.shape[-1])
         gx = gw = gb = None
         if self.needs_grad[0]:
-            gx = mm(gl, w, False, False, x_dtype).reshape(*g.shape[:-1], w.shape[1])
+            gx = self.grad_x(gl, x_dtype).reshape(*g.shape[:-1], w.shape[1])
         if self.needs_grad[1]:
             gw = mm(gl, x.reshape(-1, x.shape[-1]), True, False, w_dtype)
         if len(self.needs_grad) > 2:
             gb = g.reshape(-1, g.shape[-1]).astype(w_dtype, copy=False).sum(axis=0)
         return gx, gw, gb
+
+    def grad_x(self, gl, dtype):
+        """dx = g W for the upstream gradient's rows gl (in the product dtype), in `dtype`."""
+        return mm(gl, self.w, False, False, dtype)
 
 
 def linear(x, weight, bias=None, out_dtype=None):

@@ -533,10 +533,6 @@ def _ptr(a):
     return np.uint64(0) if a is None else _cp().ascontiguousarray(a)
 
 
-def contiguous(a):
-    return _cp().ascontiguousarray(a)
-
-
 def _rows(x):
     cp = _cp()
     x = cp.ascontiguousarray(x)

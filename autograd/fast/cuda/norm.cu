@@ -119,8 +119,8 @@ extern "C" __global__ void norm_fwd_warp(const float* __restrict__ X, const floa
 }
 
 // Rows grid-strided over the warps; each lane sums dw (and db when NORM_DB is 1) of its
-// columns over its rows in registers, then the block's warps add theirs in shared memory and the block adds the total
-// to dw, db once (atomically: other blocks add theirs).
+// columns over its rows in registers, then the block's warps add theirs in shared memory and
+// the block adds the total to dw, db once (atomically: other blocks add theirs).
 extern "C" __global__ void norm_bwd_warp(const float* __restrict__ G, const float* __restrict__ X,
         const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
         const float* __restrict__ R, float* __restrict__ dX, float* __restrict__ dw,

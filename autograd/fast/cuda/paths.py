@@ -82,23 +82,23 @@ class LinearCUDA(FastPath, Linear):
     fresh_grads = takes_addends = True
 
     def backward(self, g):
-        addend = self.addends[0] if self.addends else None
-        x_dtype = self.dtypes[0]
-        if addend is not None and not (self.owned[0] and addend.dtype == x_dtype
-                                       and addend.flags.c_contiguous and self.needs_grad[0]):
-            self.addends[0] = addend = None  # declined: the walk adds the two
-        if addend is None:
-            return super().backward(g)
-        # the reference's backward, with dx = g W added into the addend
-        w_dtype = self.dtypes[1]
-        gl = amp.low(g).reshape(-1, g.shape[-1])
-        mm_into(addend.reshape(-1, addend.shape[-1]), gl, self.w, False, False, accumulate=True)
-        gw = gb = None
-        if self.needs_grad[1]:
-            gw = mm(gl, self.x.reshape(-1, self.x.shape[-1]), True, False, w_dtype)
-        if len(self.needs_grad) > 2:
-            gb = g.reshape(-1, g.shape[-1]).astype(w_dtype, copy=False).sum(axis=0)
-        return addend, gw, gb
+        a = self.addends[0] if self.addends else None
+        if a is not None and not (self.owned[0] and a.dtype == self.dtypes[0]
+                                  and a.flags.c_contiguous):
+            self.addends[0] = None  # declined: the walk adds the two
+        return super().backward(g)
+
+    def grad_x(self, gl, dtype):
+        a = self.addends[0] if self.addends else None
+        if a is None:
+            return super().grad_x(gl, dtype)
+        mm_into(a.reshape(-1, a.shape[-1]), gl, self.w, False, False, accumulate=True)
+        return a
+
+
+def _recording(fn):
+    """Whether fn's forward is being recorded for a backward (as Function.apply decides)."""
+    return is_grad_enabled() and any(fn.needs_grad)
 
 
 def _ce_rows(z, t):
@@ -137,8 +137,7 @@ class LinearCrossEntropyCUDA(FastPath, LinearCrossEntropy):
     fresh_grads = True
 
     def forward(self, x, w):
-        self.early = (self.reduction != "none" and is_grad_enabled()
-                      and any(self.needs_grad))
+        self.early = self.reduction != "none" and _recording(self)
         if not self.early:
             return super().forward(x, w)
         cp = backend.cupy_module()
@@ -175,7 +174,7 @@ def _low_out(fn, x):
     """The dtype of a low-precision copy of fn's output for the products after it, or None:
     under a low-precision mode, when the graph is recorded (shared_low_copy only serves
     activations that have a creator)."""
-    return amp.activation_dtype(x) if is_grad_enabled() and any(fn.needs_grad) else None
+    return amp.activation_dtype(x) if _recording(fn) else None
 
 
 @fast.register("cuda", "float32")
@@ -184,13 +183,13 @@ class LayerNormCUDA(FastPath, LayerNorm):
     Under a low-precision mode the forward also writes y in the low dtype (`out_low`): the
     copy the products after the norm read (ops.linalg.shared_low_copy), with no cast."""
 
+    fresh_grads = takes_addends = True  # dx = the norm's gradient + x's pending one, one kernel
+
     def forward(self, x, w=None, b=None):
         self.x, self.w = x, w
         y, self.mean, self.rstd, self.out_low = kernels.norm_forward(
             x, w, b, self.eps, center=True, low=_low_out(self, x))
         return y
-
-    fresh_grads = takes_addends = True  # dx = the norm's gradient + x's pending one, one kernel
 
     def backward(self, g):
         gx, gw, gb = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, True,
@@ -201,13 +200,13 @@ class LayerNormCUDA(FastPath, LayerNorm):
 
 @fast.register("cuda", "float32")
 class RMSNormCUDA(FastPath, RMSNorm):
+    fresh_grads = takes_addends = True  # as LayerNormCUDA
+
     def forward(self, x, w=None):
         self.x, self.w = x, w
         y, self.mean, self.rstd, self.out_low = kernels.norm_forward(
             x, w, None, self.eps, center=False, low=_low_out(self, x))
         return y
-
-    fresh_grads = takes_addends = True  # as LayerNormCUDA
 
     def backward(self, g):
         gx, gw, _ = kernels.norm_backward(g, self.x, self.w, self.mean, self.rstd, False,
