@@ -94,8 +94,15 @@ def hf_logits(folder, idx):
     transformers, torch = hf_modules()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
-    with torch.no_grad():
-        return type(model).__name__, model(torch.tensor(idx)).logits.numpy()
+    # one thread: on several, PyTorch's CPU kernels gave logits that moved by up to 6e-5
+    # between two calls on the same input (about 1 run in 20), past the comparison's 1e-5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return type(model).__name__, model(torch.tensor(idx)).logits.numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_close_logits(ours, theirs):
